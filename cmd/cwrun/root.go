@@ -1,0 +1,46 @@
+package main
+
+import (
+	"log/slog"
+	"os"
+
+	"github.com/cwrun/cwrun/images"
+	"github.com/cwrun/cwrun/version"
+	"github.com/spf13/cobra"
+)
+
+// globalOpts are the flags every verb shares.
+type globalOpts struct {
+	root, runRoot, driver string
+	logLevel              string
+}
+
+func (g *globalOpts) session() *images.Session {
+	return images.NewSession(images.Options{Root: g.root, RunRoot: g.runRoot, Driver: g.driver})
+}
+
+func (g *globalOpts) logger() *slog.Logger {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+		lvl = slog.LevelWarn
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globalOpts{}
+	root := &cobra.Command{
+		Use:           "cwrun",
+		Short:         "Seal OCI images into confidential workloads and run them as microVMs",
+		Version:       version.Version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.root, "root", "", "local image storage graph root (default: podman's, from storage.conf)")
+	pf.StringVar(&g.runRoot, "runroot", "", "local image storage run root (default: podman's)")
+	pf.StringVar(&g.driver, "storage-driver", "", "local image storage driver (default: podman's)")
+	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
+	root.AddCommand(newBuildCmd(g), newInspectCmd(g))
+	return root
+}
