@@ -17,9 +17,71 @@ import (
 	imgspecv1 "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
+// sealedImage makes the config and manifest around the sealed layer.
+type sealedImage struct {
+	arch    string
+	created time.Time
+	tee     sealed.TEE
+	ann     map[string]string
+}
+
+func newSealedImage(src *images.Source, res *Result, opts Options, created time.Time) sealedImage {
+	arch := src.Config.Architecture
+	if arch == "" {
+		arch = "amd64"
+	}
+	ann := map[string]string{
+		sealed.AnnotationSealed:  "true",
+		sealed.AnnotationVersion: opts.Version,
+		sealed.AnnotationTEE:     string(opts.TEE),
+		sealed.AnnotationLUKS:    strconv.Itoa(opts.LUKS),
+		sealed.AnnotationWID:     res.WorkloadID,
+		sealed.AnnotationDiskSz:  strconv.FormatInt(res.DiskSize, 10),
+	}
+	if opts.TEE == sealed.TEESNP {
+		ann[sealed.KrunVariant] = "sev" // crun picks libkrun-sev by it
+	}
+	return sealedImage{arch: arch, created: created, tee: opts.TEE, ann: ann}
+}
+
+// blobs returns the image config and manifest for a layer of the given
+// digest (uncompressed, so also its diff ID) and size.
+func (si sealedImage) blobs(layer digest.Digest, size int64) (config, manifest []byte, err error) {
+	cfg := imgspecv1.Image{
+		Created:  &si.created,
+		Platform: imgspecv1.Platform{Architecture: si.arch, OS: "linux"},
+		// Everything of the workload's own config stays inside the
+		// encrypted disk; the outside says only how to refuse to run.
+		Config: imgspecv1.ImageConfig{Entrypoint: []string{"/" + sealed.EntrypointPath}},
+		RootFS: imgspecv1.RootFS{Type: "layers", DiffIDs: []digest.Digest{layer}},
+		History: []imgspecv1.History{{
+			Created:   &si.created,
+			CreatedBy: fmt.Sprintf("cwrun build: sealed for %s", si.tee),
+		}},
+	}
+	if config, err = json.Marshal(cfg); err != nil {
+		return nil, nil, err
+	}
+	m := imgspecv1.Manifest{
+		Versioned: specs.Versioned{SchemaVersion: 2},
+		MediaType: imgspecv1.MediaTypeImageManifest,
+		Config: imgspecv1.Descriptor{
+			MediaType: imgspecv1.MediaTypeImageConfig, Digest: digest.FromBytes(config), Size: int64(len(config)),
+		},
+		Layers: []imgspecv1.Descriptor{{
+			MediaType: imgspecv1.MediaTypeImageLayer, Digest: layer, Size: size,
+		}},
+		Annotations: si.ann,
+	}
+	if manifest, err = json.Marshal(m); err != nil {
+		return nil, nil, err
+	}
+	return config, manifest, nil
+}
+
 // stageLayout makes an OCI layout folder holding the sealed image, with
 // the layer file moved (not copied) in as its only blob.
-func stageLayout(dir string, lf *os.File, layerPath string, src *images.Source, res *Result, opts Options, created time.Time) (int64, error) {
+func stageLayout(dir string, lf *os.File, layerPath string, si sealedImage) (int64, error) {
 	blobs := filepath.Join(dir, "blobs", "sha256")
 	if err := os.MkdirAll(blobs, 0o700); err != nil {
 		return 0, err
@@ -36,63 +98,21 @@ func stageLayout(dir string, lf *os.File, layerPath string, src *images.Source, 
 	if err := os.Rename(layerPath, filepath.Join(blobs, layerDigest.Encoded())); err != nil {
 		return 0, err
 	}
-
-	arch := src.Config.Architecture
-	if arch == "" {
-		arch = "amd64"
-	}
-	cfg := imgspecv1.Image{
-		Created:  &created,
-		Platform: imgspecv1.Platform{Architecture: arch, OS: "linux"},
-		// Everything of the workload's own config stays inside the
-		// encrypted disk; the outside says only how to refuse to run.
-		Config: imgspecv1.ImageConfig{Entrypoint: []string{"/" + sealed.EntrypointPath}},
-		RootFS: imgspecv1.RootFS{Type: "layers", DiffIDs: []digest.Digest{layerDigest}},
-		History: []imgspecv1.History{{
-			Created:   &created,
-			CreatedBy: fmt.Sprintf("cwrun build: sealed for %s", opts.TEE),
-		}},
-	}
-	cfgBlob, err := json.Marshal(cfg)
+	cfgBlob, mBlob, err := si.blobs(layerDigest, size)
 	if err != nil {
 		return 0, err
 	}
-	cfgDesc, err := writeBlob(blobs, imgspecv1.MediaTypeImageConfig, cfgBlob)
-	if err != nil {
+	if _, err := writeBlob(blobs, cfgBlob); err != nil {
 		return 0, err
 	}
-	ann := map[string]string{
-		sealed.AnnotationSealed:  "true",
-		sealed.AnnotationVersion: opts.Version,
-		sealed.AnnotationTEE:     string(opts.TEE),
-		sealed.AnnotationLUKS:    strconv.Itoa(opts.LUKS),
-		sealed.AnnotationWID:     res.WorkloadID,
-		sealed.AnnotationDiskSz:  strconv.FormatInt(res.DiskSize, 10),
-	}
-	if opts.TEE == sealed.TEESNP {
-		ann[sealed.KrunVariant] = "sev" // crun picks libkrun-sev by it
-	}
-	m := imgspecv1.Manifest{
-		Versioned: specs.Versioned{SchemaVersion: 2},
-		MediaType: imgspecv1.MediaTypeImageManifest,
-		Config:    cfgDesc,
-		Layers: []imgspecv1.Descriptor{{
-			MediaType: imgspecv1.MediaTypeImageLayer, Digest: layerDigest, Size: size,
-		}},
-		Annotations: ann,
-	}
-	mBlob, err := json.Marshal(m)
-	if err != nil {
-		return 0, err
-	}
-	mDesc, err := writeBlob(blobs, imgspecv1.MediaTypeImageManifest, mBlob)
+	md, err := writeBlob(blobs, mBlob)
 	if err != nil {
 		return 0, err
 	}
 	index := imgspecv1.Index{
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: imgspecv1.MediaTypeImageIndex,
-		Manifests: []imgspecv1.Descriptor{mDesc},
+		Manifests: []imgspecv1.Descriptor{{MediaType: imgspecv1.MediaTypeImageManifest, Digest: md, Size: int64(len(mBlob))}},
 	}
 	iBlob, err := json.Marshal(index)
 	if err != nil {
@@ -107,10 +127,7 @@ func stageLayout(dir string, lf *os.File, layerPath string, src *images.Source, 
 	return size, nil
 }
 
-func writeBlob(dir, mediaType string, b []byte) (imgspecv1.Descriptor, error) {
+func writeBlob(dir string, b []byte) (digest.Digest, error) {
 	d := digest.FromBytes(b)
-	if err := os.WriteFile(filepath.Join(dir, d.Encoded()), b, 0o600); err != nil {
-		return imgspecv1.Descriptor{}, err
-	}
-	return imgspecv1.Descriptor{MediaType: mediaType, Digest: d, Size: int64(len(b))}, nil
+	return d, os.WriteFile(filepath.Join(dir, d.Encoded()), b, 0o600)
 }

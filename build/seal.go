@@ -4,10 +4,10 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"errors"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,6 +22,7 @@ import (
 	"github.com/cwrun/cwrun/build/rootfs"
 	"github.com/cwrun/cwrun/images"
 	"github.com/cwrun/cwrun/sealed"
+	digest "github.com/opencontainers/go-digest"
 )
 
 // Options of a seal. The zero value of each field means its default.
@@ -186,21 +187,16 @@ func Seal(ctx context.Context, sess *images.Session, src, dst string, opts Optio
 		}
 		defer os.RemoveAll(work)
 	}
-	root := filepath.Join(treeWork, "rootfs")
-	if err := os.Mkdir(root, 0o755); err != nil {
-		return nil, err
-	}
 	opts.Log.Debug("work folders", "tree", treeWork, "layer", work)
-	if err := flatten(ctx, img, root, opts.Progress); err != nil {
-		return nil, err
-	}
 	krunConfig, err := json.Marshal(img.Config)
 	if err != nil {
 		return nil, fmt.Errorf("encoding the image config: %w", err)
 	}
-	if err := addFiles(ctx, root, krunConfig, opts.AddFiles); err != nil {
+	root, dropTree, err := prepareTree(ctx, sess, img, treeWork, krunConfig, opts)
+	if err != nil {
 		return nil, err
 	}
+	defer dropTree()
 
 	// 2. Sizes, decided before anything is written so that the disk is
 	// made in place.
@@ -254,10 +250,10 @@ func Seal(ctx context.Context, sess *images.Session, src, dst string, opts Optio
 	if err := mkfs(ctx, mkfsPath, root, layerPath, diskOff+vol.PayloadOffset(), payload, st); err != nil {
 		return nil, err
 	}
-	// The plain tree is no longer needed; removing it now frees the
-	// disk space the next stages may need.
-	if err := os.RemoveAll(root); err != nil {
-		return nil, fmt.Errorf("removing the plain root file system in %s: %w", root, err)
+	// The plain tree is no longer needed; dropping it now frees the
+	// space the next stages may need.
+	if err := dropTree(); err != nil {
+		return nil, err
 	}
 
 	stage("encrypt", payload)
@@ -280,18 +276,28 @@ func Seal(ctx context.Context, sess *images.Session, src, dst string, opts Optio
 		return nil, writeErr(work, err)
 	}
 
-	// 4. The image around the layer, then the copy to its destination.
-	stage("hash", 0)
-	layout := filepath.Join(work, "oci")
-	layerSize, err := stageLayout(layout, lf, layerPath, img, res, opts, created)
-	if err != nil {
-		return nil, err
+	if fi, err := lf.Stat(); err == nil {
+		res.LayerSize = fi.Size()
 	}
-	res.LayerSize = layerSize
-	stage("write", layerSize)
-	d, err := sess.CopyLayout(ctx, layout, dstRef, dirs.layer, opts.Report)
-	if err != nil {
-		return nil, err
+
+	// 4. The image around the layer, written to its destination.
+	si := newSealedImage(img, res, opts, created)
+	var d digest.Digest
+	if name := images.LocalName(dstRef); name != "" {
+		stage("write", res.DiskSize)
+		if d, err = sess.WriteLocal(ctx, name, layerPath, si.blobs); err != nil {
+			return nil, err
+		}
+	} else {
+		stage("hash", 0)
+		layout := filepath.Join(work, "oci")
+		if _, err = stageLayout(layout, lf, layerPath, si); err != nil {
+			return nil, err
+		}
+		stage("write", res.LayerSize)
+		if d, err = sess.CopyLayout(ctx, layout, dstRef, dirs.layer, opts.Report); err != nil {
+			return nil, err
+		}
 	}
 	res.ManifestDigest = d.String()
 	stage("", 0)

@@ -62,10 +62,14 @@ func TestReadFooterPadded(t *testing.T) {
 	js := []byte(`{"tee":"snp","cwrun":{"allow_overrides":true}}`)
 	disk := make([]byte, 8192)
 	disk = append(disk, sealed.Footer(int64(len(disk)), js)...)
+	_, wantAt, err := sealed.ReadFooter(strings.NewReader(string(disk)), int64(len(disk)))
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, pad := range []int{0, 1, 300, (512 - len(disk)%512) % 512} {
 		d := append(append([]byte{}, disk...), make([]byte, pad)...)
 		raw, at, err := readFooter(strings.NewReader(string(d)), int64(len(d)))
-		if err != nil || string(raw) != string(js) || at != 8192 {
+		if err != nil || string(raw) != string(js) || at != wantAt {
 			t.Errorf("pad %d: %q at %d, %v", pad, raw, at, err)
 		}
 	}

@@ -118,15 +118,16 @@ func TestWriteFuzzSeeds(t *testing.T) {
 	seeds := map[string][]byte{"cwrun-luks1": fuzzVolume(t, 1), "cwrun-luks2": fuzzVolume(t, 2)}
 	dir := t.TempDir()
 	passFile := writeFile(t, dir, "pass", []byte(fuzzPass))
-	for _, args := range [][]string{{"--type", "luks1"}, {"--type", "luks2", "--sector-size", "4096"}, {"--type", "luks2", "--pbkdf", "argon2id", "--pbkdf-memory", "32", "--pbkdf-parallel", "1"}} {
+	for name, args := range map[string][]string{
+		"cryptsetup-luks1":          {"--type", "luks1", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"},
+		"cryptsetup-luks2":          {"--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--sector-size", "4096"},
+		"cryptsetup-luks2-argon2id": {"--type", "luks2", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32", "--pbkdf-parallel", "1"},
+	} {
 		img := filepath.Join(dir, "img")
 		if err := os.WriteFile(img, make([]byte, 20<<20), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		a := append([]string{"luksFormat", "--batch-mode", "--pbkdf-force-iterations", "1000", "--key-file", passFile}, args...)
-		if args[len(args)-1] == "1" {
-			a[3] = "4" // argon2 iterations
-		}
+		a := append([]string{"luksFormat", "--batch-mode", "--key-file", passFile}, args...)
 		if out, err := cryptsetup(t, append(a, img)...); err != nil {
 			t.Fatalf("luksFormat %v: %v\n%s", args, err, out)
 		}
@@ -134,7 +135,7 @@ func TestWriteFuzzSeeds(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		seeds[fmt.Sprintf("cryptsetup%s", bytes.ReplaceAll([]byte(fmt.Sprint(args)), []byte(" "), []byte("_")))] = b
+		seeds[name] = b
 	}
 	if _, err := os.Stat("../../../shared/fixtures/mkcw-busybox.oci.tar"); err == nil {
 		seeds["mkcw-luks1"] = extractMkcwDisk(t, "../../../shared/fixtures/mkcw-busybox.oci.tar")
@@ -144,12 +145,6 @@ func TestWriteFuzzSeeds(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, b := range seeds {
-		name = string(bytes.Map(func(r rune) rune {
-			if r == '[' || r == ']' || r == '-' && false {
-				return -1
-			}
-			return r
-		}, []byte(name)))
 		body := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", headerPrefix(b))
 		if err := os.WriteFile(filepath.Join(out, name), []byte(body), 0o644); err != nil {
 			t.Fatal(err)

@@ -46,11 +46,11 @@ func luks2Layout() (keyslotsSize, payloadOff int64) {
 
 // JSON metadata, as cryptsetup writes it. 64-bit sizes are strings.
 type jsonHeader struct {
-	Keyslots map[string]jsonKeyslot    `json:"keyslots"`
+	Keyslots map[string]jsonKeyslot     `json:"keyslots"`
 	Tokens   map[string]json.RawMessage `json:"tokens"`
-	Segments map[string]jsonSegment    `json:"segments"`
-	Digests  map[string]jsonDigest     `json:"digests"`
-	Config   jsonConfig                `json:"config"`
+	Segments map[string]jsonSegment     `json:"segments"`
+	Digests  map[string]jsonDigest      `json:"digests"`
+	Config   jsonConfig                 `json:"config"`
 }
 
 type jsonKeyslot struct {
@@ -479,4 +479,3 @@ func parseKeyslot(n int, k jsonKeyslot, hdrSize int64) (keyslot, error) {
 	ks.areaKeyBytes = k.Area.KeySize
 	return ks, nil
 }
-

@@ -41,6 +41,6 @@ func newRootCmd() *cobra.Command {
 	pf.StringVar(&g.runRoot, "runroot", "", "local image storage run root (default: podman's)")
 	pf.StringVar(&g.driver, "storage-driver", "", "local image storage driver (default: podman's)")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
-	root.AddCommand(newBuildCmd(g), newInspectCmd(g))
+	root.AddCommand(newBuildCmd(g), newInspectCmd(g), newRunCmd(g))
 	return root
 }

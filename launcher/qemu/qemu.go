@@ -28,8 +28,8 @@ type QEMU struct {
 	Binary string
 }
 
-// binary finds QEMU or says which package brings it.
-func (q QEMU) binary() (string, error) {
+// Path finds the QEMU program or says which package brings it.
+func (q QEMU) Path() (string, error) {
 	name := q.Binary
 	if name == "" {
 		name = "qemu-system-x86_64"
@@ -52,7 +52,9 @@ func Args(spec vm.Spec) ([]string, error) {
 	}
 	a := []string{
 		"-name", spec.Name,
-		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		// -display none, not -nographic: the latter would also put a
+		// monitor on stdio.
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-accel", accel,
 		// microvm hung in early boot under TCG here; pc boots.
 		"-M", "pc",
@@ -65,6 +67,11 @@ func Args(spec vm.Spec) ([]string, error) {
 	}
 	if accel == "kvm" {
 		a = append(a, "-cpu", "host")
+	}
+	if virtiofs(spec) {
+		// vhost-user devices need the guest RAM in shared memory.
+		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", max(spec.MemoryMiB, 128)),
+			"-numa", "node,memdev=mem")
 	}
 	if spec.Console != "" {
 		a = append(a, "-chardev", "file,id=console,path="+spec.Console, "-serial", "chardev:console")
@@ -104,12 +111,20 @@ func Args(spec vm.Spec) ([]string, error) {
 		}
 		a = append(a, "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0")
 	}
-	for i, s := range spec.Shares {
-		fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=none", i, escape(s.HostPath))
-		if s.ReadOnly {
-			fsdev += ",readonly=on"
+	for i, sh := range spec.Shares {
+		switch sh.FS {
+		case "", vm.FSVirtiofs:
+			a = append(a, "-chardev", fmt.Sprintf("socket,id=vfs%d,path=%s", i, escape(virtiofsSocket(spec, i))),
+				"-device", fmt.Sprintf("vhost-user-fs-pci,chardev=vfs%d,tag=%s", i, sh.Tag))
+		case vm.FS9p:
+			fsdev := fmt.Sprintf("local,id=fs%d,path=%s,security_model=none", i, escape(sh.HostPath))
+			if sh.ReadOnly {
+				fsdev += ",readonly=on"
+			}
+			a = append(a, "-fsdev", fsdev, "-device", fmt.Sprintf("virtio-9p-pci,fsdev=fs%d,mount_tag=%s", i, sh.Tag))
+		default:
+			return nil, fmt.Errorf("qemu: share %q: unknown file system %q (want virtiofs or 9p)", sh.Tag, sh.FS)
 		}
-		a = append(a, "-fsdev", fsdev, "-device", fmt.Sprintf("virtio-9p-pci,fsdev=fs%d,mount_tag=%s", i, s.Tag))
 	}
 	return a, nil
 }
@@ -117,16 +132,53 @@ func Args(spec vm.Spec) ([]string, error) {
 // escape doubles commas, QEMU's escape inside option values.
 func escape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
-// Start boots spec. QEMU gets SIGKILL if cwrun dies, and is killed when
-// ctx ends.
+// virtiofs reports whether spec has virtiofs shares.
+func virtiofs(spec vm.Spec) bool {
+	for _, sh := range spec.Shares {
+		if sh.FS == "" || sh.FS == vm.FSVirtiofs {
+			return true
+		}
+	}
+	return false
+}
+
+func virtiofsSocket(spec vm.Spec, i int) string {
+	return filepath.Join(spec.RunDir, fmt.Sprintf("vfs%d.sock", i))
+}
+
+// virtiofsdPaths are where Debian (qemu-system-common, QEMU 7.2's C
+// virtiofsd) and others put virtiofsd.
+var virtiofsdPaths = []string{"/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"}
+
+// Virtiofsd finds the virtiofsd program or says which package brings it.
+func Virtiofsd() (string, error) {
+	if p, err := exec.LookPath("virtiofsd"); err == nil {
+		return p, nil
+	}
+	for _, p := range virtiofsdPaths {
+		if st, err := os.Stat(p); err == nil && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", errors.New("virtiofsd not found (needed for -v): install Debian's qemu-system-common (bookworm ships it as /usr/lib/qemu/virtiofsd) or the virtiofsd package")
+}
+
+// Start boots spec. QEMU (and each virtiofsd) gets SIGKILL if cwrun
+// dies, and is killed when ctx ends.
 func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
-	bin, err := q.binary()
+	bin, err := q.Path()
 	if err != nil {
 		return nil, err
 	}
 	args, err := Args(spec)
 	if err != nil {
 		return nil, err
+	}
+	var vfsd string
+	if virtiofs(spec) {
+		if vfsd, err = Virtiofsd(); err != nil {
+			return nil, err
+		}
 	}
 	m := &machine{done: make(chan struct{}), qmp: filepath.Join(spec.RunDir, "qmp.sock")}
 	stderr, err := os.Create(filepath.Join(spec.RunDir, "qemu.log"))
@@ -140,27 +192,62 @@ func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
 	go func() {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
+		defer close(m.done)
+		defer stderr.Close()
+		attr := func() *syscall.SysProcAttr {
+			return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+		}
+		var helpers []*exec.Cmd
+		stopHelpers := func() {
+			for _, h := range helpers {
+				syscall.Kill(-h.Process.Pid, syscall.SIGKILL) //nolint:errcheck // already gone is fine
+				h.Wait()                                       //nolint:errcheck // killed on purpose
+			}
+		}
+		for i, sh := range spec.Shares {
+			if sh.FS != "" && sh.FS != vm.FSVirtiofs {
+				continue
+			}
+			sock := virtiofsSocket(spec, i)
+			h := exec.Command(vfsd, "--socket-path="+sock, "-o", "source="+sh.HostPath, "-o", "cache=auto")
+			h.Stdout, h.Stderr = stderr, stderr
+			h.SysProcAttr = attr()
+			if err := h.Start(); err != nil {
+				stopHelpers()
+				started <- fmt.Errorf("starting %s: %w", vfsd, err)
+				return
+			}
+			helpers = append(helpers, h)
+			if err := waitFile(sock, 10*time.Second); err != nil {
+				stopHelpers()
+				started <- fmt.Errorf("virtiofsd for %s: %w: %s", sh.HostPath, err, lastLines(m.logPath, 5))
+				return
+			}
+		}
 		cmd := exec.Command(bin, args...)
 		cmd.Stdout, cmd.Stderr = stderr, stderr
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+		// snapshot=on overlays go to TMPDIR: keep them in the run folder,
+		// which the launcher removes even if QEMU was killed.
+		cmd.Env = append(os.Environ(), "TMPDIR="+spec.RunDir)
+		cmd.SysProcAttr = attr()
 		if err := cmd.Start(); err != nil {
+			stopHelpers()
 			started <- fmt.Errorf("starting %s: %w", bin, err)
 			return
 		}
 		m.cmd = cmd
 		started <- nil
 		m.err = cmd.Wait()
-		stderr.Close()
-		close(m.done)
+		stopHelpers()
 	}()
 	if err := <-started; err != nil {
-		stderr.Close()
+		<-m.done
 		return nil, err
 	}
 	go func() {
 		select {
 		case <-ctx.Done():
-			m.Kill()
+			m.Kill() //nolint:errcheck // best effort on cancel
 		case <-m.done:
 		}
 	}()
@@ -171,11 +258,24 @@ func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
 		want = append(want, p.Socket)
 	}
 	if err := m.waitSockets(want, 10*time.Second); err != nil {
-		m.Kill()
+		m.Kill() //nolint:errcheck // the error below says more
 		<-m.done
 		return nil, err
 	}
 	return m, nil
+}
+
+func waitFile(p string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if _, err := os.Stat(p); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not appear within %s", p, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 type machine struct {

@@ -64,12 +64,22 @@ type Forward struct {
 	Proto     string // "tcp" or "udp"
 }
 
-// Share exports a host folder to the guest (9p), mounted by tag.
+// Share exports a host folder to the guest, mounted by tag.
 type Share struct {
 	Tag      string
 	HostPath string
 	ReadOnly bool
+	// FS is how: "virtiofs" (the default: a virtiofsd process per share,
+	// guest RAM shared with it) or "9p" (needs a guest kernel with 9p,
+	// which Debian's cloud kernel lacks).
+	FS string
 }
+
+// Share file systems.
+const (
+	FSVirtiofs = "virtiofs"
+	FS9p       = "9p"
+)
 
 // Accel is how the VMM executes guest code.
 type Accel string

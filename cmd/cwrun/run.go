@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cwrun/cwrun/launcher"
+	"github.com/cwrun/cwrun/launcher/vm"
+	"github.com/spf13/cobra"
+)
+
+type runOpts struct {
+	passFile, accel    string
+	env, publish, vols []string
+	stdin, rm          bool
+	opts               launcher.Options
+}
+
+func newRunCmd(g *globalOpts) *cobra.Command {
+	o := &runOpts{}
+	cmd := &cobra.Command{
+		Use:   "run [flags] IMAGE [COMMAND [ARG...]]",
+		Short: "Run a sealed image as a microVM: its disk is decrypted only inside the VM",
+		Long: `Run a sealed image as a microVM.
+
+The workload's command, environment and working folder come from the
+encrypted disk. COMMAND and -e replace or extend them only when the image
+was sealed with --allow-overrides: the host is the party the seal protects
+against.
+
+The key, for now, comes from --passphrase-file (development mode: the host
+knows the key); attested key release comes later.
+
+cwrun exits with the workload's exit status (128+N when signal N ended
+it). SIGINT or SIGTERM sends SIGTERM to the workload; the VM is killed
+--stop-timeout later, or at a second signal.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return runRun(cmd, g, o, args) },
+	}
+	f := cmd.Flags()
+	f.SetInterspersed(false) // flags after IMAGE belong to COMMAND
+	f.StringVar(&o.passFile, "passphrase-file", "", "read the disk passphrase from this file (development mode; required for now)")
+	f.IntVar(&o.opts.CPUs, "cpus", 0, "vCPUs (default: the sealed config's)")
+	f.IntVar(&o.opts.MemoryMiB, "memory", 0, "RAM in MiB (default: the sealed config's)")
+	f.StringVar(&o.accel, "accel", "auto", "how the VM runs guest code: auto (KVM when usable, else TCG), kvm or tcg")
+	f.StringVar(&o.opts.Kernel, "kernel", "", "guest kernel (default: Debian's cloud kernel, fetched into the cache)")
+	f.StringVar(&o.opts.KernelModules, "kernel-modules", "", "the --kernel's lib/modules/<version> folder")
+	f.StringArrayVarP(&o.env, "env", "e", nil, "KEY=VAL added to the workload's environment (needs --allow-overrides at seal time)")
+	f.BoolVarP(&o.stdin, "interactive", "i", false, "relay stdin to the workload")
+	f.BoolVarP(&o.opts.TTY, "tty", "t", false, "give the workload a pty (not supported yet)")
+	f.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]")
+	f.StringVar(&o.opts.Network, "network", "user", "user (QEMU user-mode networking) or none")
+	f.StringArrayVarP(&o.vols, "volume", "v", nil, "share a host folder: HOSTDIR:GUESTDIR[:ro] (virtiofs)")
+	f.StringVar(&o.opts.Name, "name", "", "name of the VM (default: random)")
+	f.BoolVar(&o.rm, "rm", false, "remove the VM's state at exit (always done: cwrun keeps none)")
+	f.DurationVar(&o.opts.StopTimeout, "stop-timeout", 10*time.Second, "after SIGINT/SIGTERM, how long the workload may take to stop before the VM is killed")
+	f.BoolVar(&o.opts.Timings, "timings", false, "print the boot breakdown at the end")
+	return cmd
+}
+
+func runRun(cmd *cobra.Command, g *globalOpts, o *runOpts, args []string) error {
+	opts := o.opts
+	opts.Image, opts.Args = args[0], args[1:]
+	opts.Log = g.logger()
+	var err error
+	if opts.Accel, err = vm.ParseAccel(o.accel); err != nil {
+		return err
+	}
+	if o.passFile == "" {
+		return errors.New("--passphrase-file is required for now (development mode: attested key release comes later)")
+	}
+	if opts.Passphrase, err = readPassphrase(o.passFile); err != nil {
+		return err
+	}
+	defer clear(opts.Passphrase)
+	for _, e := range o.env {
+		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
+			return fmt.Errorf("-e %q: want KEY=VALUE", e)
+		}
+	}
+	opts.Env = o.env
+	for _, p := range o.publish {
+		fw, err := parsePublish(p)
+		if err != nil {
+			return err
+		}
+		opts.Publish = append(opts.Publish, fw)
+	}
+	for _, v := range o.vols {
+		vol, err := parseVolume(v)
+		if err != nil {
+			return err
+		}
+		opts.Volumes = append(opts.Volumes, vol)
+	}
+	if o.stdin {
+		opts.Stdin = os.Stdin
+	}
+	if env := os.Getenv("CWRUN_INIT"); env != "" { // tests and packagers
+		opts.InitPath = env
+	}
+
+	// Signals go to the workload, not to the context: the workload gets
+	// its grace period. main's context only ends on a second path.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	opts.Signals = sigs
+
+	sess := g.session()
+	defer sess.Close()
+	code, err := launcher.Run(context.WithoutCancel(cmd.Context()), sess, opts)
+	if p := os.Getenv("CWRUN_RSS_REPORT"); p != "" {
+		writeRSS(p)
+	}
+	if err != nil {
+		return err
+	}
+	if code != 0 {
+		return exitError(code)
+	}
+	return nil
+}
+
+// writeRSS saves cwrun's own peak RSS (VmHWM), for the benchmark:
+// measuring from outside would count QEMU, a child, as well.
+func writeRSS(path string) {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmHWM:") {
+			os.WriteFile(path, []byte(strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:"))+"\n"), 0o644) //nolint:errcheck,gosec // a benchmark aid
+		}
+	}
+}
+
+// parsePublish reads -p [HOSTIP:]HOSTPORT:GUESTPORT[/PROTO].
+func parsePublish(s string) (vm.Forward, error) {
+	bad := func(why string) (vm.Forward, error) {
+		return vm.Forward{}, fmt.Errorf("-p %q: %s; want [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]", s, why)
+	}
+	spec, proto, _ := strings.Cut(s, "/")
+	if proto == "" {
+		proto = "tcp"
+	}
+	if proto != "tcp" && proto != "udp" {
+		return bad("unknown protocol " + proto)
+	}
+	parts := strings.Split(spec, ":")
+	var host string
+	switch len(parts) {
+	case 2:
+	case 3:
+		host = parts[0]
+		if net.ParseIP(host) == nil {
+			return bad("host address " + host + " is not an IP address")
+		}
+		parts = parts[1:]
+	default:
+		return bad("wrong number of fields")
+	}
+	hp, err1 := strconv.Atoi(parts[0])
+	gp, err2 := strconv.Atoi(parts[1])
+	if err1 != nil || err2 != nil || hp < 1 || hp > 65535 || gp < 1 || gp > 65535 {
+		return bad("ports are numbers from 1 to 65535")
+	}
+	return vm.Forward{HostAddr: host, HostPort: hp, GuestPort: gp, Proto: proto}, nil
+}
+
+// parseVolume reads -v HOSTDIR:GUESTDIR[:ro|:rw].
+func parseVolume(s string) (launcher.Volume, error) {
+	parts := strings.Split(s, ":")
+	if len(parts) < 2 || len(parts) > 3 || parts[0] == "" || parts[1] == "" {
+		return launcher.Volume{}, fmt.Errorf("-v %q: want HOSTDIR:GUESTDIR[:ro]", s)
+	}
+	v := launcher.Volume{GuestPath: parts[1]}
+	abs, err := filepath.Abs(parts[0])
+	if err != nil {
+		return v, err
+	}
+	v.HostPath = abs
+	if len(parts) == 3 {
+		switch parts[2] {
+		case "ro":
+			v.ReadOnly = true
+		case "rw":
+		default:
+			return v, fmt.Errorf("-v %q: unknown option %q (want ro or rw)", s, parts[2])
+		}
+	}
+	return v, nil
+}

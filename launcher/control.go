@@ -1,0 +1,342 @@
+package launcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cwrun/cwrun/guest/proto"
+	"github.com/cwrun/cwrun/launcher/vm"
+)
+
+// consoleLines is how much of the serial console an error shows.
+const consoleLines = 10
+
+// runner is one VM's life, from the VMM's start to its exit.
+type runner struct {
+	o    Options
+	spec vm.Spec
+	cfg  *proto.Config
+	t    *timeline
+}
+
+// outcome is how a run ended.
+type outcome struct {
+	code int
+	err  error
+	set  bool
+}
+
+func (r *runner) run(ctx context.Context) (int, error) {
+	r.t.start()
+	m, err := r.o.VMM.Start(ctx, r.spec)
+	if err != nil {
+		return 0, err
+	}
+	vmDone := make(chan error, 1)
+	go func() { vmDone <- m.Wait() }()
+	vmExited := false
+	defer func() {
+		if !vmExited {
+			m.Kill() //nolint:errcheck // it may be gone already
+			<-vmDone
+		}
+	}()
+	r.t.mark("vmm started")
+
+	conns := make(map[string]net.Conn)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for _, p := range r.spec.Ports {
+		c, err := net.Dial("unix", p.Socket)
+		if err != nil {
+			return 0, fmt.Errorf("connecting to the VM's %s port: %w", p.Name, err)
+		}
+		conns[p.Name] = c
+	}
+
+	var relays sync.WaitGroup
+	var firstOut sync.Once
+	relay := func(dst io.Writer, src net.Conn, first bool) {
+		defer relays.Done()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				if first {
+					firstOut.Do(func() { r.t.mark("first output") })
+				}
+				dst.Write(buf[:n]) //nolint:errcheck // a closed terminal must not stop the VM
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
+	relays.Add(2)
+	go relay(r.o.Stdout, conns[proto.PortStdout], true)
+	go relay(r.o.Stderr, conns[proto.PortStderr], false)
+	if c, ok := conns[proto.PortStdin]; ok {
+		go func() {
+			io.Copy(c, r.o.Stdin) //nolint:errcheck // the workload may stop reading
+			if uc, ok := c.(*net.UnixConn); ok {
+				uc.CloseWrite() //nolint:errcheck // EOF for the workload
+			}
+		}()
+	}
+
+	ctl := proto.NewConn(conns[proto.PortControl])
+	msgs := make(chan proto.Message, 16)
+	go func() {
+		defer close(msgs)
+		for {
+			msg, err := ctl.Recv()
+			if err != nil {
+				return
+			}
+			msgs <- msg
+		}
+	}()
+
+	var (
+		out             outcome
+		ready, started  bool
+		signaled        bool
+		readyTimer      = time.NewTimer(r.o.ReadyTimeout)
+		stopTimer       <-chan time.Time
+		shutdownStarted bool
+	)
+	defer readyTimer.Stop()
+	stop := func() {
+		if shutdownStarted {
+			return
+		}
+		shutdownStarted = true
+		go func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			m.Shutdown(sctx) //nolint:errcheck // Shutdown kills when QMP fails
+		}()
+	}
+	handle := func(msg proto.Message) {
+		switch msg.Type {
+		case proto.TypeReady:
+			if ready {
+				return
+			}
+			ready = true
+			readyTimer.Stop()
+			r.t.mark("ready")
+			if err := ctl.Send(proto.Message{Type: proto.TypeConfig, Config: r.cfg}); err != nil && !out.set {
+				out = outcome{err: fmt.Errorf("sending the config to the guest: %w", err), set: true}
+			}
+			r.cfg.Passphrase = ""
+		case proto.TypeStage:
+			r.t.guest(msg.Stage, msg.MS)
+		case proto.TypeStarted:
+			started = true
+			r.t.mark("workload started")
+		case proto.TypeExit:
+			r.t.mark("exit")
+			if out.set {
+				return
+			}
+			switch {
+			case msg.Code != nil:
+				out = outcome{code: *msg.Code, set: true}
+			case msg.Signal > 0:
+				out = outcome{code: 128 + msg.Signal, set: true}
+			default:
+				out = outcome{err: errors.New("the guest reported an exit without a status"), set: true}
+			}
+		case proto.TypeError:
+			if !out.set {
+				out = outcome{err: &GuestError{Stage: msg.Stage, Message: msg.Message}, set: true}
+			}
+		}
+	}
+
+	var vmErr error
+loop:
+	for {
+		select {
+		case msg, ok := <-msgs:
+			if !ok {
+				msgs = nil // the port closed: QEMU is going away
+				continue
+			}
+			handle(msg)
+			if out.set && (msg.Type == proto.TypeExit || msg.Type == proto.TypeError) {
+				break loop
+			}
+		case vmErr = <-vmDone:
+			vmExited = true
+			break loop
+		case <-readyTimer.C:
+			if !ready && !out.set {
+				out = outcome{err: fmt.Errorf("the guest did not report ready within %s (a hung kernel? try --accel tcg)%s",
+					r.o.ReadyTimeout, r.consoleTail()), set: true}
+				break loop
+			}
+		case sig := <-r.o.Signals:
+			n := 15
+			if s, ok := sig.(syscall.Signal); ok {
+				n = int(s)
+			}
+			switch {
+			case signaled:
+				fmt.Fprintf(r.o.Warn, "cwrun: second signal: killing the VM\n")
+				out = outcome{code: 128 + int(syscall.SIGKILL), set: true}
+				m.Kill() //nolint:errcheck // gone is fine
+				break loop
+			case started:
+				signaled = true
+				ctl.Send(proto.Message{Type: proto.TypeSignal, Signal: int(syscall.SIGTERM)}) //nolint:errcheck // the timer stops it anyway
+				stopTimer = time.After(r.o.StopTimeout)
+			default:
+				// Nothing runs yet that could clean up: stop at once.
+				out = outcome{code: 128 + n, set: true}
+				stop()
+				break loop
+			}
+		case <-stopTimer:
+			fmt.Fprintf(r.o.Warn, "cwrun: the workload did not stop within %s of SIGTERM: killing the VM\n", r.o.StopTimeout)
+			out = outcome{code: 128 + int(syscall.SIGKILL), set: true}
+			stop()
+			break loop
+		case <-ctx.Done():
+			m.Kill() //nolint:errcheck // gone is fine
+			<-vmDone
+			vmExited = true
+			return 0, context.Cause(ctx)
+		}
+	}
+
+	// The guest powers off after its exit or error report; give it time
+	// to, then stop it.
+	if !vmExited {
+		select {
+		case vmErr = <-vmDone:
+		case <-time.After(10 * time.Second):
+			stop()
+			vmErr = <-vmDone
+		}
+		vmExited = true
+	}
+	r.t.mark("vm off")
+	// Messages still queued (an exit report racing QEMU's exit).
+	if !out.set && msgs != nil {
+		timeout := time.After(2 * time.Second)
+	drain:
+		for {
+			select {
+			case msg, ok := <-msgs:
+				if !ok {
+					break drain
+				}
+				handle(msg)
+			case <-timeout:
+				break drain
+			}
+		}
+	}
+	// QEMU is gone, so the stdio sockets are at EOF: let the relays
+	// finish writing.
+	relaysDone := make(chan struct{})
+	go func() { relays.Wait(); close(relaysDone) }()
+	select {
+	case <-relaysDone:
+	case <-time.After(5 * time.Second):
+	}
+	if !out.set {
+		why := "the VM stopped before the workload reported an exit (guest kernel panic or VMM crash?)"
+		if vmErr != nil {
+			why = fmt.Sprintf("the VMM failed: %v", vmErr)
+		}
+		return 0, fmt.Errorf("%s%s", why, r.consoleTail())
+	}
+	return out.code, out.err
+}
+
+// consoleTail is the last lines of the serial console, for errors.
+func (r *runner) consoleTail() string {
+	b, err := os.ReadFile(r.spec.Console)
+	if err != nil || len(strings.TrimSpace(string(b))) == 0 {
+		return "; the console is empty"
+	}
+	lines := strings.Split(strings.TrimRight(strings.ReplaceAll(string(b), "\r", ""), "\n"), "\n")
+	if len(lines) > consoleLines {
+		lines = lines[len(lines)-consoleLines:]
+	}
+	return "; last console lines:\n  " + strings.Join(lines, "\n  ")
+}
+
+// timeline records the host's view of a boot and the guest's stages.
+type timeline struct {
+	mu     sync.Mutex
+	t0     time.Time // Run's start
+	vmm    time.Time // the VMM's start
+	events []event
+}
+
+type event struct {
+	name    string
+	host    time.Duration // since the VMM's start (before it: negative)
+	guestMS int64         // the guest's boot clock; -1 when not a guest stage
+}
+
+func newTimeline() *timeline { return &timeline{t0: time.Now()} }
+
+func (t *timeline) start() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.vmm = time.Now()
+	t.events = append(t.events, event{"prepare (image, kernel, initrd)", t.vmm.Sub(t.t0), -1})
+}
+
+func (t *timeline) mark(name string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.vmm.IsZero() {
+		return // before the VMM: folded into "prepare"
+	}
+	t.events = append(t.events, event{name, time.Since(t.vmm), -1})
+}
+
+func (t *timeline) guest(stage string, ms int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.events = append(t.events, event{"guest " + stage, time.Since(t.vmm), ms})
+}
+
+func (t *timeline) print(w io.Writer) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.events) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "cwrun timings (host: ms since the VMM's start; guest: the guest's boot clock, from its kernel's start):\n")
+	var prevGuest int64
+	for i, e := range t.events {
+		if i == 0 {
+			fmt.Fprintf(w, "  %-34s %6d ms (before the VMM)\n", e.name, e.host.Milliseconds())
+			continue
+		}
+		if e.guestMS >= 0 {
+			fmt.Fprintf(w, "  %-34s %6d ms   guest %6d ms (+%d)\n", e.name, e.host.Milliseconds(), e.guestMS, e.guestMS-prevGuest)
+			prevGuest = e.guestMS
+			continue
+		}
+		fmt.Fprintf(w, "  %-34s %6d ms\n", e.name, e.host.Milliseconds())
+	}
+}
