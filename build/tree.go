@@ -29,7 +29,9 @@ func prepareTree(ctx context.Context, sess *images.Session, img *images.Source, 
 			opts.Log.Debug("sealing from the mounted image", "path", root)
 			return root, drop, nil
 		}
-		if !errors.Is(err, images.ErrNotMountable) {
+		if errors.Is(err, images.ErrNotMountable) {
+			opts.Log.Debug("extracting the image's layers", "reason", err)
+		} else {
 			opts.Log.Info("cannot mount the image, extracting its layers instead", "error", err)
 		}
 	}

@@ -224,8 +224,12 @@ func (s *Session) Candidates(ref string) ([]types.ImageReference, error) {
 	return out, nil
 }
 
-// Ref is a reference plus a human name for messages.
+// Ref names a reference for messages: local images by their name alone,
+// as podman shows them, others with their transport.
 func Ref(r types.ImageReference) string {
+	if r.Transport().Name() == storageTransport && r.DockerReference() != nil {
+		return r.DockerReference().String()
+	}
 	return transports.ImageName(r)
 }
 

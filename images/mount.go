@@ -17,7 +17,8 @@ var ErrNotMountable = errors.New("image is not in local storage, so it cannot be
 // returns the folder and the function that unmounts it (safe to call
 // twice). It returns ErrNotMountable for images of other transports.
 func (s *Session) Mount(src *Source) (dir string, unmount func() error, err error) {
-	if src.Ref.Transport() != istorage.Transport {
+	// Compare names: a storage reference carries its own copy of the transport.
+	if src.Ref.Transport().Name() != storageTransport {
 		return "", nil, ErrNotMountable
 	}
 	st, err := s.Store()
