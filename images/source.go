@@ -80,7 +80,15 @@ func (s *Session) openRef(ctx context.Context, ref types.ImageReference) (_ *Sou
 			return nil, fmt.Errorf("reading manifest %s: %w", d, err)
 		}
 	}
-	img, err := image.FromUnparsedImage(ctx, s.System(), image.UnparsedInstance(src, instance))
+	unparsed := image.UnparsedInstance(src, instance)
+	// An image already in local storage passed the policy when it was
+	// pulled; anything else is checked now, as a pull would be.
+	if ref.Transport().Name() != storageTransport {
+		if err := s.allowed(ctx, unparsed); err != nil {
+			return nil, err
+		}
+	}
+	img, err := image.FromUnparsedImage(ctx, s.System(), unparsed)
 	if err != nil {
 		return nil, fmt.Errorf("reading image: %w", err)
 	}

@@ -23,13 +23,9 @@ func (s *Session) CopyLayout(ctx context.Context, dir string, dst types.ImageRef
 	if err != nil {
 		return "", fmt.Errorf("staged image in %s: %w", dir, err)
 	}
-	policy, err := signature.DefaultPolicy(s.System())
+	pc, err := s.policy()
 	if err != nil {
-		return "", fmt.Errorf("reading policy.json: %w (podman's /etc/containers/policy.json; Debian ships it in containers-common)", err)
-	}
-	pc, err := signature.NewPolicyContext(policy)
-	if err != nil {
-		return "", fmt.Errorf("policy.json: %w", err)
+		return "", err
 	}
 	defer pc.Destroy()
 	sys := *s.System()
@@ -56,4 +52,30 @@ func (s *Session) CopyLayout(ctx context.Context, dir string, dst types.ImageRef
 // (local storage, OCI layouts). Used to undo a half-finished write.
 func (s *Session) Delete(ctx context.Context, ref types.ImageReference) error {
 	return ref.DeleteImage(ctx, s.System())
+}
+
+// policy reads policy.json as podman does.
+func (s *Session) policy() (*signature.PolicyContext, error) {
+	policy, err := signature.DefaultPolicy(s.System())
+	if err != nil {
+		return nil, fmt.Errorf("reading policy.json: %w (podman's /etc/containers/policy.json; Debian ships it in containers-common)", err)
+	}
+	pc, err := signature.NewPolicyContext(policy)
+	if err != nil {
+		return nil, fmt.Errorf("policy.json: %w", err)
+	}
+	return pc, nil
+}
+
+// allowed checks an image against policy.json's rules for reading it.
+func (s *Session) allowed(ctx context.Context, img types.UnparsedImage) error {
+	pc, err := s.policy()
+	if err != nil {
+		return err
+	}
+	defer pc.Destroy()
+	if ok, err := pc.IsRunningImageAllowed(ctx, img); !ok {
+		return fmt.Errorf("policy.json refuses %s: %w", Ref(img.Reference()), err)
+	}
+	return nil
 }

@@ -149,7 +149,7 @@ next:
 		if typ == "hardlink" {
 			typ = "file"
 		}
-		l := fmt.Sprintf("%s %s %s %d:%d", e.Path, typ, modeString(e.Mode), e.UID, e.GID)
+		l := fmt.Sprintf("%s %s %s %d:%d", e.Path, typ, "0"+strconv.FormatUint(uint64(treesum.UnixMode(e.Mode)), 8), e.UID, e.GID)
 		switch typ {
 		case "file":
 			l += " " + e.SHA256[:12]
@@ -177,20 +177,6 @@ next:
 	}
 	sort.Strings(out)
 	return out
-}
-
-func modeString(m os.FileMode) string {
-	p := uint32(m.Perm())
-	if m&os.ModeSetuid != 0 {
-		p |= 0o4000
-	}
-	if m&os.ModeSetgid != 0 {
-		p |= 0o2000
-	}
-	if m&os.ModeSticky != 0 {
-		p |= 0o1000
-	}
-	return "0" + strconv.FormatUint(uint64(p), 8)
 }
 
 func diffLines(want, got []string) string {

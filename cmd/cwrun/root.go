@@ -7,16 +7,24 @@ import (
 	"github.com/cwrun/cwrun/images"
 	"github.com/cwrun/cwrun/version"
 	"github.com/spf13/cobra"
+	"go.podman.io/image/v5/types"
 )
 
 // globalOpts are the flags every verb shares.
 type globalOpts struct {
 	root, runRoot, driver string
+	authFile, policyFile  string
+	tlsVerify             bool
 	logLevel              string
 }
 
 func (g *globalOpts) session() *images.Session {
-	return images.NewSession(images.Options{Root: g.root, RunRoot: g.runRoot, Driver: g.driver})
+	sys := &types.SystemContext{AuthFilePath: g.authFile, SignaturePolicyPath: g.policyFile}
+	if !g.tlsVerify {
+		sys.DockerInsecureSkipTLSVerify = types.OptionalBoolTrue
+		sys.OCIInsecureSkipTLSVerify = true
+	}
+	return images.NewSession(images.Options{Root: g.root, RunRoot: g.runRoot, Driver: g.driver, System: sys})
 }
 
 func (g *globalOpts) logger() *slog.Logger {
@@ -40,6 +48,9 @@ func newRootCmd() *cobra.Command {
 	pf.StringVar(&g.root, "root", "", "local image storage graph root (default: podman's, from storage.conf)")
 	pf.StringVar(&g.runRoot, "runroot", "", "local image storage run root (default: podman's)")
 	pf.StringVar(&g.driver, "storage-driver", "", "local image storage driver (default: podman's)")
+	pf.StringVar(&g.authFile, "authfile", "", "registry credentials file (default: podman's auth.json)")
+	pf.StringVar(&g.policyFile, "signature-policy", "", "policy.json to use (default: podman's /etc/containers/policy.json)")
+	pf.BoolVar(&g.tlsVerify, "tls-verify", true, "require HTTPS and verify certificates when talking to registries")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
 	root.AddCommand(newBuildCmd(g), newInspectCmd(g), newRunCmd(g))
 	return root
