@@ -39,6 +39,15 @@ const (
 	whiteoutOpaque = ".wh..wh..opq"
 
 	copyBufSize = 1 << 20
+
+	// maxSparseBytes caps the sizes of the sparse files of one layer,
+	// added up. A sparse entry declares its size; only its data is in
+	// the layer, and archive/tar hands out the holes as zeros that must
+	// be read and scanned (about 20 GB/s), so a few KiB of layer could
+	// claim an exabyte and keep Apply busy for years. Images seldom hold
+	// sparse entries at all (Go's archive/tar, and so docker, buildkit
+	// and containerd, never write them).
+	maxSparseBytes = 16 << 30
 )
 
 // bufPool holds copy buffers: large buffers mean few write syscalls, and
@@ -144,6 +153,8 @@ type applier struct {
 	cacheKey    string
 	cacheFd     int
 	cacheSetgid bool
+
+	sparseBytes int64 // sizes of this layer's sparse files so far
 
 	written   map[string]bool // names this layer created or updated
 	ancestors map[string]bool // directories above written names
@@ -371,6 +382,12 @@ func replace(parent int, base string, create func() error) error {
 }
 
 func (a *applier) file(dirRel, base string, hdr *tar.Header, r io.Reader) error {
+	if isSparse(hdr) {
+		if hdr.Size > maxSparseBytes-a.sparseBytes {
+			return fmt.Errorf("sparse file of %d bytes: the sparse files of one layer may hold %d bytes in all, and this layer's already hold %d; the image is corrupt or hostile", hdr.Size, int64(maxSparseBytes), a.sparseBytes)
+		}
+		a.sparseBytes += hdr.Size
+	}
 	p, err := a.parent(dirRel, true)
 	if err != nil {
 		return err
@@ -418,6 +435,20 @@ func (a *applier) file(dirRel, base string, hdr *tar.Header, r io.Reader) error 
 	err = unix.Close(fd)
 	fd = -1
 	return err
+}
+
+// isSparse reports whether archive/tar may read hdr's entry as a sparse
+// file: an old GNU sparse header, or any GNU sparse PAX record.
+func isSparse(hdr *tar.Header) bool {
+	if hdr.Typeflag == tar.TypeGNUSparse {
+		return true
+	}
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
 }
 
 // copyContent streams size bytes from r to fd. Whole buffers of zeros

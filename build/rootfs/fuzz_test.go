@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"math/rand"
 	"os"
@@ -26,6 +27,8 @@ func FuzzApply(f *testing.F) {
 	f.Add(layer(f, linkE("h", "../../etc/passwd"), linkE("h2", "side/../x")))
 	f.Add(layer(f, fileE("side/.wh..wh..opq", "", 0o644), fileE("up/.wh.sentinel", "", 0o644)))
 	f.Add(layer(f, dirE("side/", 0o777), devE(tar.TypeFifo, "up/f", 0o600, 0, 0)))
+	f.Add(sparseLayer(f, "up/big", 1<<40, false, frag{0, "x"}))
+	capMinimize()
 	f.Fuzz(func(t *testing.T, data []byte) {
 		parent, dir := sandbox(t)
 		if err := Apply(context.Background(), dir, bytes.NewReader(lower), Options{}); err != nil {
@@ -39,6 +42,22 @@ func FuzzApply(f *testing.F) {
 			t.Fatal("evil created beside the sandbox")
 		}
 	})
+}
+
+// capMinimize caps, unless -fuzzminimizetime was given, how long the
+// fuzzing engine minimizes an input. It re-runs the target for every
+// candidate, and its subset pass is quadratic in the input's length; at a
+// few ms a run on inputs of a few KiB (tar blocks are 512 bytes), the
+// default 60 s per new input stopped all fuzzing: a 20 s run did ~25
+// execs, then each worker spent the rest minimizing, its runs not counted
+// until done. Minimizing only shrinks saved inputs; every run still gets
+// the same checks, and failing inputs are still saved.
+func capMinimize() {
+	set := false
+	flag.Visit(func(fl *flag.Flag) { set = set || fl.Name == "test.fuzzminimizetime" })
+	if !set {
+		flag.Set("test.fuzzminimizetime", "500x")
+	}
 }
 
 // BenchmarkApply extracts a synthetic 100 MiB layer of 5000 files in
