@@ -50,3 +50,6 @@ cryptsetup open --test-passphrase --key-file "$work/passphrase" "$work/disk.img"
 printf 'wrong' > "$work/wrong"
 cryptsetup open --test-passphrase --key-file "$work/wrong" "$work/disk.img" 2>/dev/null ||
 	echo "  a wrong passphrase does not"
+
+say "cwrun run: boot it as a microVM (QEMU; TCG where KVM is unusable)"
+"$cwrun" run --passphrase-file "$work/passphrase" --timings localhost/cwrun-demo/busybox:sealed

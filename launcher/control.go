@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strings"
@@ -49,7 +50,7 @@ func (r *runner) run(ctx context.Context) (int, error) {
 			<-vmDone
 		}
 	}()
-	r.t.mark("vmm started")
+	r.t.mark("VMM running (QEMU up, guest starts)")
 
 	conns := make(map[string]net.Conn)
 	defer func() {
@@ -74,7 +75,7 @@ func (r *runner) run(ctx context.Context) (int, error) {
 			n, err := src.Read(buf)
 			if n > 0 {
 				if first {
-					firstOut.Do(func() { r.t.mark("first output") })
+					firstOut.Do(func() { r.t.mark("first output on the host") })
 				}
 				dst.Write(buf[:n]) //nolint:errcheck // a closed terminal must not stop the VM
 			}
@@ -136,7 +137,7 @@ func (r *runner) run(ctx context.Context) (int, error) {
 			}
 			ready = true
 			readyTimer.Stop()
-			r.t.mark("ready")
+			r.t.mark("host got ready")
 			if err := ctl.Send(proto.Message{Type: proto.TypeConfig, Config: r.cfg}); err != nil && !out.set {
 				out = outcome{err: fmt.Errorf("sending the config to the guest: %w", err), set: true}
 			}
@@ -145,9 +146,9 @@ func (r *runner) run(ctx context.Context) (int, error) {
 			r.t.guest(msg.Stage, msg.MS)
 		case proto.TypeStarted:
 			started = true
-			r.t.mark("workload started")
+			r.t.mark("host got started")
 		case proto.TypeExit:
-			r.t.mark("exit")
+			r.t.mark("host got the exit status")
 			if out.set {
 				return
 			}
@@ -184,8 +185,13 @@ loop:
 			break loop
 		case <-readyTimer.C:
 			if !ready && !out.set {
-				out = outcome{err: fmt.Errorf("the guest did not report ready within %s (a hung kernel? try --accel tcg)%s",
-					r.o.ReadyTimeout, r.consoleTail()), set: true}
+				hint := "a hung guest kernel or init?"
+				if r.spec.Accel == vm.AccelKVM {
+					hint = "stock kernels hang under some KVMs (PVM): try --accel tcg"
+				}
+				out = outcome{err: fmt.Errorf("the guest did not report ready within %s (%s; --boot-timeout sets the limit)%s",
+					r.o.ReadyTimeout, hint, r.consoleTail()), set: true}
+				stop()
 				break loop
 			}
 		case sig := <-r.o.Signals:
@@ -233,7 +239,7 @@ loop:
 		}
 		vmExited = true
 	}
-	r.t.mark("vm off")
+	r.t.mark("VM off")
 	// Messages still queued (an exit report racing QEMU's exit).
 	if !out.set && msgs != nil {
 		timeout := time.After(2 * time.Second)
@@ -258,6 +264,11 @@ loop:
 	case <-relaysDone:
 	case <-time.After(5 * time.Second):
 	}
+	if r.o.Log.Enabled(context.Background(), slog.LevelDebug) {
+		if b, err := os.ReadFile(r.spec.Console); err == nil {
+			r.o.Log.Debug("the guest's serial console", "console", string(b))
+		}
+	}
 	if !out.set {
 		why := "the VM stopped before the workload reported an exit (guest kernel panic or VMM crash?)"
 		if vmErr != nil {
@@ -275,10 +286,18 @@ func (r *runner) consoleTail() string {
 		return "; the console is empty"
 	}
 	lines := strings.Split(strings.TrimRight(strings.ReplaceAll(string(b), "\r", ""), "\n"), "\n")
+	// A panic's first line says why; the register dump after it does not.
+	var panicLine string
+	for _, l := range lines {
+		if strings.Contains(l, "Kernel panic - not syncing") {
+			panicLine = "; the guest kernel panicked: " + strings.TrimSpace(l)
+			break
+		}
+	}
 	if len(lines) > consoleLines {
 		lines = lines[len(lines)-consoleLines:]
 	}
-	return "; last console lines:\n  " + strings.Join(lines, "\n  ")
+	return panicLine + "; last console lines:\n  " + strings.Join(lines, "\n  ")
 }
 
 // timeline records the host's view of a boot and the guest's stages.
@@ -313,10 +332,25 @@ func (t *timeline) mark(name string) {
 	t.events = append(t.events, event{name, time.Since(t.vmm), -1})
 }
 
+// stageNames say what each guest stage covers, for --timings.
+var stageNames = map[string]string{
+	proto.StageModules: "guest kernel booted, modules loaded",
+	proto.StagePorts:   "guest control port open",
+	proto.StageConfig:  "guest got its config",
+	proto.StageUnlock:  "guest unlock (LUKS, dm-crypt)",
+	proto.StageMount:   "guest root mounted",
+	proto.StageNetwork: "guest network up",
+	proto.StageStart:   "guest workload started",
+}
+
 func (t *timeline) guest(stage string, ms int64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.events = append(t.events, event{"guest " + stage, time.Since(t.vmm), ms})
+	name, ok := stageNames[stage]
+	if !ok {
+		name = "guest " + stage
+	}
+	t.events = append(t.events, event{name, time.Since(t.vmm), ms})
 }
 
 func (t *timeline) print(w io.Writer) {
@@ -325,18 +359,18 @@ func (t *timeline) print(w io.Writer) {
 	if len(t.events) == 0 {
 		return
 	}
-	fmt.Fprintf(w, "cwrun timings (host: ms since the VMM's start; guest: the guest's boot clock, from its kernel's start):\n")
+	fmt.Fprintf(w, "cwrun timings (left: ms since the VMM's start, on the host; guest: the guest's boot clock, from its kernel's start):\n")
 	var prevGuest int64
 	for i, e := range t.events {
 		if i == 0 {
-			fmt.Fprintf(w, "  %-34s %6d ms (before the VMM)\n", e.name, e.host.Milliseconds())
+			fmt.Fprintf(w, "  %-38s %6d ms (before the VMM)\n", e.name, e.host.Milliseconds())
 			continue
 		}
 		if e.guestMS >= 0 {
-			fmt.Fprintf(w, "  %-34s %6d ms   guest %6d ms (+%d)\n", e.name, e.host.Milliseconds(), e.guestMS, e.guestMS-prevGuest)
+			fmt.Fprintf(w, "  %-38s %6d ms   guest %6d ms (+%d)\n", e.name, e.host.Milliseconds(), e.guestMS, e.guestMS-prevGuest)
 			prevGuest = e.guestMS
 			continue
 		}
-		fmt.Fprintf(w, "  %-34s %6d ms\n", e.name, e.host.Milliseconds())
+		fmt.Fprintf(w, "  %-38s %6d ms\n", e.name, e.host.Milliseconds())
 	}
 }

@@ -54,6 +54,7 @@ func findDisk(ctx context.Context, sess *images.Session, ref, cacheDir string, l
 			return nil, err
 		}
 		d.release = unmount
+		log.Debug("booting the disk in the mounted image", "path", d.Path)
 		return d, nil
 	}
 	if !errors.Is(err, images.ErrNotMountable) {
@@ -63,12 +64,14 @@ func findDisk(ctx context.Context, sess *images.Session, ref, cacheDir string, l
 	// Cached from an earlier run?
 	for i := len(img.Layers) - 1; i >= 0; i-- {
 		if d, err := diskIn(layerCache(cacheDir, img.Layers[i].Digest.Encoded()), name); err == nil {
+			log.Debug("booting the disk extracted by an earlier run", "path", d.Path)
 			return d, nil
 		}
 	}
 	for i := len(img.Layers) - 1; i >= 0; i-- {
 		d, err := extractDisk(ctx, img, i, layerCache(cacheDir, img.Layers[i].Digest.Encoded()), name)
 		if err == nil {
+			log.Debug("booting the disk extracted from the image", "path", d.Path)
 			return d, nil
 		}
 		if !errors.Is(err, os.ErrNotExist) {

@@ -40,7 +40,7 @@ func multiLayer(t *testing.T, crossLink bool) [][]byte {
 		E{Name: "bin/tool", Mode: 0o4755, Body: "#!/bin/tool\n"},
 		E{Name: "bin/link", Type: tar.TypeSymlink, Link: "tool"},
 		E{Name: "bin/abs", Type: tar.TypeSymlink, Link: "/etc/passwd"},
-		E{Name: "bin/hard", Type: tar.TypeLink, Link: "bin/tool"},
+		E{Name: "bin/hard", Type: tar.TypeLink, Link: "bin/tool", Mode: 0o4755}, // tar writers give links their file's mode; c/storage applies it,
 		E{Name: "home/", Type: tar.TypeDir},
 		E{Name: "home/user/", Type: tar.TypeDir, Mode: 0o700, UID: 1000, GID: 1000},
 		E{Name: "home/user/notes", Mode: 0o600, UID: 1000, GID: 1000, Body: "mine\n", Xattrs: map[string]string{"user.origin": "layer1"}},
@@ -80,7 +80,7 @@ func multiLayer(t *testing.T, crossLink bool) [][]byte {
 		E{Name: "dir-to-file", Body: "now a file"},
 	}
 	if crossLink {
-		l2 = append(l2, E{Name: "bin/hard2", Type: tar.TypeLink, Link: "bin/tool"})
+		l2 = append(l2, E{Name: "bin/hard2", Type: tar.TypeLink, Link: "bin/tool", Mode: 0o4755})
 	}
 	l3 := testimage.Layer(t,
 		E{Name: "empty", Body: ""},

@@ -27,6 +27,8 @@ func main() {
 	// after itself; exit codes follow the shell's 128+N convention.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRootCmd().ExecuteContext(ctx)
+	// Read before stop(): stop cancels the context too.
+	interrupted := ctx.Err() != nil
 	stop()
 	if err != nil {
 		var ee exitError
@@ -34,7 +36,7 @@ func main() {
 			os.Exit(int(ee))
 		}
 		fmt.Fprintln(os.Stderr, "cwrun:", err)
-		if ctx.Err() != nil {
+		if interrupted {
 			os.Exit(130)
 		}
 		os.Exit(1)

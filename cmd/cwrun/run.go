@@ -41,7 +41,7 @@ The key, for now, comes from --passphrase-file (development mode: the host
 knows the key); attested key release comes later.
 
 cwrun exits with the workload's exit status (128+N when signal N ended
-it). SIGINT or SIGTERM sends SIGTERM to the workload; the VM is killed
+it), or 125 when cwrun itself failed. SIGINT or SIGTERM sends SIGTERM to the workload; the VM is killed
 --stop-timeout later, or at a second signal.`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error { return runRun(cmd, g, o, args) },
@@ -63,15 +63,23 @@ it). SIGINT or SIGTERM sends SIGTERM to the workload; the VM is killed
 	f.StringVar(&o.opts.Name, "name", "", "name of the VM (default: random)")
 	f.BoolVar(&o.rm, "rm", false, "remove the VM's state at exit (always done: cwrun keeps none)")
 	f.DurationVar(&o.opts.StopTimeout, "stop-timeout", 10*time.Second, "after SIGINT/SIGTERM, how long the workload may take to stop before the VM is killed")
+	f.DurationVar(&o.opts.ReadyTimeout, "boot-timeout", 60*time.Second, "fail when the guest has not reported ready this long after the VM's start (TCG boots take seconds)")
 	f.BoolVar(&o.opts.Timings, "timings", false, "print the boot breakdown at the end")
 	return cmd
 }
 
-func runRun(cmd *cobra.Command, g *globalOpts, o *runOpts, args []string) error {
+func runRun(cmd *cobra.Command, g *globalOpts, o *runOpts, args []string) (err error) {
+	defer func() {
+		var ee exitError
+		if err != nil && !errors.As(err, &ee) {
+			// As podman does: 125 says cwrun failed, not the workload.
+			fmt.Fprintln(os.Stderr, "cwrun:", err)
+			err = exitError(125)
+		}
+	}()
 	opts := o.opts
 	opts.Image, opts.Args = args[0], args[1:]
 	opts.Log = g.logger()
-	var err error
 	if opts.Accel, err = vm.ParseAccel(o.accel); err != nil {
 		return err
 	}
@@ -138,11 +146,7 @@ func writeRSS(path string) {
 	if err != nil {
 		return
 	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "VmHWM:") {
-			os.WriteFile(path, []byte(strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:"))+"\n"), 0o644) //nolint:errcheck,gosec // a benchmark aid
-		}
-	}
+	os.WriteFile(path, b, 0o644) //nolint:errcheck,gosec // a benchmark aid
 }
 
 // parsePublish reads -p [HOSTIP:]HOSTPORT:GUESTPORT[/PROTO].

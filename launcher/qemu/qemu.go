@@ -7,9 +7,11 @@
 package qemu
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -181,6 +183,19 @@ func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
 		}
 	}
 	m := &machine{done: make(chan struct{}), qmp: filepath.Join(spec.RunDir, "qmp.sock")}
+	// Sockets left by an earlier machine would pass for this one's.
+	stale := []string{m.qmp}
+	for _, p := range spec.Ports {
+		stale = append(stale, p.Socket)
+	}
+	for i := range spec.Shares {
+		stale = append(stale, virtiofsSocket(spec, i))
+	}
+	for _, p := range stale {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("removing the stale socket %s: %w", p, err)
+		}
+	}
 	stderr, err := os.Create(filepath.Join(spec.RunDir, "qemu.log"))
 	if err != nil {
 		return nil, fmt.Errorf("qemu log: %w", err)
@@ -201,7 +216,7 @@ func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
 		stopHelpers := func() {
 			for _, h := range helpers {
 				syscall.Kill(-h.Process.Pid, syscall.SIGKILL) //nolint:errcheck // already gone is fine
-				h.Wait()                                       //nolint:errcheck // killed on purpose
+				h.Wait()                                      //nolint:errcheck // killed on purpose
 			}
 		}
 		for i, sh := range spec.Shares {
@@ -210,6 +225,16 @@ func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
 			}
 			sock := virtiofsSocket(spec, i)
 			h := exec.Command(vfsd, "--socket-path="+sock, "-o", "source="+sh.HostPath, "-o", "cache=auto")
+			if sh.ReadOnly {
+				// QEMU 7.2's virtiofsd has no read-only mode, and a
+				// guest mount's ro flag is the guest's to drop: serve a
+				// read-only bind mount instead, made in a mount
+				// namespace of virtiofsd's own, so that it vanishes
+				// with virtiofsd and no mount is ever left on the host.
+				h = exec.Command("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec",
+					`mount --bind -- "$1" "$1"; mount -o remount,bind,ro -- "$1"; shift; exec "$@"`,
+					"sh", sh.HostPath, vfsd, "--socket-path="+sock, "-o", "source="+sh.HostPath, "-o", "cache=auto")
+			}
 			h.Stdout, h.Stderr = stderr, stderr
 			h.SysProcAttr = attr()
 			if err := h.Start(); err != nil {
@@ -262,7 +287,40 @@ func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
 		<-m.done
 		return nil, err
 	}
+	// QEMU listens before it loads the kernel and initrd.
+	if err := m.waitRunning(10 * time.Second); err != nil {
+		m.Kill() //nolint:errcheck // the error below says more
+		<-m.done
+		return nil, err
+	}
 	return m, nil
+}
+
+// waitRunning connects to QMP and negotiates capabilities. The greeting
+// comes from QMP's own I/O thread as soon as QEMU listens, but commands
+// run on the main loop, which starts once the machine is built (kernel
+// and initrd loaded).
+func (m *machine) waitRunning(timeout time.Duration) error {
+	conn, err := net.DialTimeout("unix", m.qmp, timeout)
+	if err == nil {
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(timeout)) //nolint:errcheck // a unix socket
+		r := bufio.NewReader(conn)
+		if _, err = r.ReadBytes('\n'); err == nil {
+			if _, err = conn.Write([]byte(`{"execute":"qmp_capabilities"}` + "\n")); err == nil {
+				_, err = r.ReadBytes('\n')
+			}
+		}
+	}
+	if err == nil {
+		return nil
+	}
+	select {
+	case <-m.done:
+		return fmt.Errorf("qemu exited at start: %v: %s", m.err, lastLines(m.logPath, 5))
+	case <-time.After(2 * time.Second):
+		return fmt.Errorf("qemu did not start within %s: %v: %s", timeout, err, lastLines(m.logPath, 5))
+	}
 }
 
 func waitFile(p string, timeout time.Duration) error {
