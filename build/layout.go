@@ -81,33 +81,33 @@ func (si sealedImage) blobs(layer digest.Digest, size int64) (config, manifest [
 
 // stageLayout makes an OCI layout folder holding the sealed image, with
 // the layer file moved (not copied) in as its only blob.
-func stageLayout(dir string, lf *os.File, layerPath string, si sealedImage) (int64, error) {
+func stageLayout(dir string, lf *os.File, layerPath string, si sealedImage) error {
 	blobs := filepath.Join(dir, "blobs", "sha256")
 	if err := os.MkdirAll(blobs, 0o700); err != nil {
-		return 0, err
+		return err
 	}
 	if _, err := lf.Seek(0, io.SeekStart); err != nil {
-		return 0, err
+		return err
 	}
 	h := sha256.New()
 	size, err := io.Copy(h, lf)
 	if err != nil {
-		return 0, fmt.Errorf("hashing the sealed layer: %w", err)
+		return fmt.Errorf("hashing the sealed layer: %w", err)
 	}
 	layerDigest := digest.NewDigest(digest.SHA256, h)
 	if err := os.Rename(layerPath, filepath.Join(blobs, layerDigest.Encoded())); err != nil {
-		return 0, err
+		return err
 	}
 	cfgBlob, mBlob, err := si.blobs(layerDigest, size)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	if _, err := writeBlob(blobs, cfgBlob); err != nil {
-		return 0, err
+		return err
 	}
 	md, err := writeBlob(blobs, mBlob)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	index := imgspecv1.Index{
 		Versioned: specs.Versioned{SchemaVersion: 2},
@@ -116,15 +116,15 @@ func stageLayout(dir string, lf *os.File, layerPath string, si sealedImage) (int
 	}
 	iBlob, err := json.Marshal(index)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	if err := os.WriteFile(filepath.Join(dir, "index.json"), iBlob, 0o600); err != nil {
-		return 0, err
+		return err
 	}
 	if err := os.WriteFile(filepath.Join(dir, imgspecv1.ImageLayoutFile), []byte(`{"imageLayoutVersion":"1.0.0"}`), 0o600); err != nil {
-		return 0, err
+		return err
 	}
-	return size, nil
+	return nil
 }
 
 func writeBlob(dir string, b []byte) (digest.Digest, error) {

@@ -284,14 +284,14 @@ func Seal(ctx context.Context, sess *images.Session, src, dst string, opts Optio
 	si := newSealedImage(img, res, opts, created)
 	var d digest.Digest
 	if name := images.LocalName(dstRef); name != "" {
-		stage("write", res.DiskSize)
+		stage("write", res.LayerSize)
 		if d, err = sess.WriteLocal(ctx, name, layerPath, si.blobs); err != nil {
 			return nil, err
 		}
 	} else {
 		stage("hash", 0)
 		layout := filepath.Join(work, "oci")
-		if _, err = stageLayout(layout, lf, layerPath, si); err != nil {
+		if err := stageLayout(layout, lf, layerPath, si); err != nil {
 			return nil, err
 		}
 		stage("write", res.LayerSize)
