@@ -602,8 +602,8 @@ func corruptCopy(t *testing.T, layout, tag string) string {
 	if err := json.Unmarshal(read(mDigest), &manifest); err != nil || len(manifest.Layers) != 1 {
 		t.Fatalf("manifest: %v", err)
 	}
-	var lr io.Reader = bytes.NewReader(read(manifest.Layers[0].Digest))
 	blob := read(manifest.Layers[0].Digest)
+	var lr io.Reader = bytes.NewReader(blob)
 	if len(blob) > 2 && blob[0] == 0x1f && blob[1] == 0x8b {
 		zr, err := gzip.NewReader(bytes.NewReader(blob))
 		if err != nil {
