@@ -17,12 +17,15 @@ set -euo pipefail
 #   qemu-system-x86, ovmf, swtpm: booting sealed images
 #   docker-registry: a real registry process for transport tests
 #   debootstrap: the benchmark's Debian root file system
+#   postgresql: the broker's shared store, started for real by its tests
+#   tpm2-tools: reading the vTPM by hand when a measured-boot test fails
 #   time: GNU time, for the benchmark's peak memory
 packages=(
 	e2fsprogs cryptsetup-bin python3 python3-cryptography busybox-static
 	podman skopeo uidmap fuse-overlayfs
 	qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools
 	docker-registry debootstrap cpio time ca-certificates
+	postgresql tpm2-tools
 )
 
 missing=()

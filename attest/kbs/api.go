@@ -1,0 +1,75 @@
+// Package kbs is cwrun's key broker: Trustee's KBS protocol 0.4.0
+// (auth, attest, resource), the krun endpoints, and an admin API, over
+// one Store. Sessions are sealed cookies, so any replica sharing the
+// config's keys and the store answers any step.
+package kbs
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"log/slog"
+	"time"
+
+	"github.com/cwrun/cwrun/attest"
+	"github.com/cwrun/cwrun/attest/kbs/store"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Options make a broker. Zero values mean the default named.
+type Options struct {
+	Store     store.Store        // required
+	Verifiers []attest.Verifier  // one per TEE served; a TEE without one is refused at /auth
+	TokenKey  *ecdsa.PrivateKey  // P-256, signs attestation tokens (ES256); required
+	CookieKey []byte             // 32 bytes, seals session cookies (AES-256-GCM); required
+	AtRestKey []byte             // 32 bytes, seals passphrases and resources in the store; required
+	AdminKeys []crypto.PublicKey // Ed25519 or ECDSA P-256 keys whose JWTs the admin API accepts; none: admin API refused
+	// AllowRegister enables krun's unauthenticated /kbs/v0/register_workload
+	// (never overwriting an existing workload). Default off.
+	AllowRegister bool
+	SessionTTL    time.Duration         // default 5 min, as Trustee
+	TokenTTL      time.Duration         // default 5 min
+	Logger        *slog.Logger          // default: discard
+	Metrics       prometheus.Registerer // default: none registered
+	Now           func() time.Time      // default time.Now
+}
+
+// Admin API (every call carries Authorization: Bearer <admin JWT>):
+//
+//	POST   /kbs/v0/admin/workloads            WorkloadSpec → 201; 409 if the id exists
+//	GET    /kbs/v0/admin/workloads            → []WorkloadInfo
+//	GET    /kbs/v0/admin/workloads/{id}       → WorkloadInfo
+//	PUT    /kbs/v0/admin/workloads/{id}       WorkloadSpec → 200 (replace, keeps Created; passphrase kept when empty)
+//	DELETE /kbs/v0/admin/workloads/{id}       → 204
+//	POST   /kbs/v0/resource/{repo}/{type}/{tag}   raw bytes → 200 (Trustee's admin call)
+//	GET    /kbs/v0/admin/resource/{repo}/{type}/{tag} → raw bytes
+//	POST   /kbs/v0/resource-policy            {"policy":"<base64url Rego>"} → 200 (Trustee's shape)
+//	GET    /kbs/v0/resource-policy            → {"policy":"<base64url Rego>"}
+//
+// Errors are JSON {"error": "<what failed and why>"} with a 4xx/5xx code.
+
+// WorkloadSpec registers or replaces a workload.
+type WorkloadSpec struct {
+	ID         string              `json:"id"`
+	Tee        string              `json:"tee"`
+	Passphrase string              `json:"passphrase,omitempty"` // the disk passphrase; never returned
+	References map[string][]string `json:"references,omitempty"` // claim name → accepted values (attest.Claims.Values)
+	Policy     string              `json:"policy,omitempty"`     // optional Rego, data.policy.allow
+	CPUs       int                 `json:"cpus,omitempty"`
+	MemoryMiB  int                 `json:"memory_mib,omitempty"`
+}
+
+// WorkloadInfo is a workload as the admin API shows it: no passphrase.
+type WorkloadInfo struct {
+	ID         string              `json:"id"`
+	Tee        string              `json:"tee"`
+	References map[string][]string `json:"references,omitempty"`
+	Policy     string              `json:"policy,omitempty"`
+	CPUs       int                 `json:"cpus,omitempty"`
+	MemoryMiB  int                 `json:"memory_mib,omitempty"`
+	Created    time.Time           `json:"created"`
+}
+
+// PassphrasePath is the resource path under which a workload's disk
+// passphrase is released: GET /kbs/v0/resource/cwrun/<id>/passphrase.
+// The workload's reference values, TEE and policy gate it.
+func PassphrasePath(workloadID string) string { return "cwrun/" + workloadID + "/passphrase" }
