@@ -23,6 +23,7 @@ import (
 	"github.com/cwrun/cwrun/images"
 	"github.com/cwrun/cwrun/sealed"
 	digest "github.com/opencontainers/go-digest"
+	imgspecv1 "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // Options of a seal. The zero value of each field means its default.
@@ -35,6 +36,11 @@ type Options struct {
 	// characters), returned in Result.Passphrase. The caller wipes it.
 	Passphrase     []byte
 	AttestationURL string
+	// Register, when set, hands the workload's config and passphrase to
+	// a key broker before any disk is made, so that a broker refusal
+	// fails the seal in a second and no image exists whose key nobody
+	// holds. undo takes the registration back if the seal then fails.
+	Register func(ctx context.Context, cfg sealed.Config, passphrase []byte) (undo func(context.Context) error, err error)
 	Slop           *Slop     // default DefaultSlop (25%)
 	AddFiles       []AddFile // extra files copied into the root file system
 	LUKS           int       // 1 or 2; default 2
@@ -79,6 +85,7 @@ type Result struct {
 	ManifestDigest string
 	WorkloadID     string
 	Passphrase     []byte // set only when generated; the caller wipes it
+	Registered     bool   // Options.Register took the passphrase
 	Config         sealed.Config
 	TreeSize       int64 // the flattened root file system's data
 	PayloadSize    int64 // the ext4 file system
@@ -167,6 +174,32 @@ func Seal(ctx context.Context, sess *images.Session, src, dst string, opts Optio
 	}()
 	stage := stageClock(res, opts.Progress)
 
+	// 0. The broker learns the key first (see Options.Register).
+	res.Config = sealed.Config{
+		TEE: opts.TEE, TEEData: sealed.DefaultTEEData(opts.TEE), WorkloadID: res.WorkloadID,
+		CPUs: opts.CPUs, RAMMiB: opts.MemoryMiB, AttestationURL: opts.AttestationURL,
+		Cwrun: &sealed.CwrunConfig{Version: opts.Version, LUKS: opts.LUKS, AllowOverrides: opts.AllowOverrides},
+	}
+	if opts.Register != nil {
+		stage("register", 0)
+		undo, rerr := opts.Register(ctx, res.Config, pass)
+		if rerr != nil {
+			return nil, fmt.Errorf("registering workload %s with the key broker: %w", res.WorkloadID, rerr)
+		}
+		res.Registered = true
+		defer func() {
+			if err == nil || undo == nil {
+				return
+			}
+			// The caller's ctx may be the reason we fail; undo anyway.
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			defer cancel()
+			if uerr := undo(uctx); uerr != nil {
+				err = fmt.Errorf("%w; the broker still holds workload %s, whose image was not written: remove it with `cwrun kbs workload rm %s` (%v)", err, res.WorkloadID, res.WorkloadID, uerr)
+			}
+		}()
+	}
+
 	// 1. The source image, flattened.
 	stage("read", 0)
 	img, err := sess.Open(ctx, src)
@@ -188,7 +221,7 @@ func Seal(ctx context.Context, sess *images.Session, src, dst string, opts Optio
 		defer os.RemoveAll(work)
 	}
 	opts.Log.Debug("work folders", "tree", treeWork, "layer", work)
-	krunConfig, err := json.Marshal(img.Config)
+	krunConfig, err := json.Marshal(innerConfig(img.Config, opts.AllowOverrides))
 	if err != nil {
 		return nil, fmt.Errorf("encoding the image config: %w", err)
 	}
@@ -214,11 +247,6 @@ func Seal(ctx context.Context, sess *images.Session, src, dst string, opts Optio
 		return nil, fmt.Errorf("making the LUKS header: %w", err)
 	}
 	defer vol.Wipe()
-	res.Config = sealed.Config{
-		TEE: opts.TEE, TEEData: sealed.DefaultTEEData(opts.TEE), WorkloadID: res.WorkloadID,
-		CPUs: opts.CPUs, RAMMiB: opts.MemoryMiB, AttestationURL: opts.AttestationURL,
-		Cwrun: &sealed.CwrunConfig{Version: opts.Version, LUKS: opts.LUKS, AllowOverrides: opts.AllowOverrides},
-	}
 	cfgJSON, err := res.Config.Marshal()
 	if err != nil {
 		return nil, err
@@ -464,4 +492,29 @@ func addOne(tw *tar.Writer, af AddFile) error {
 		return fmt.Errorf("--add-file %s: %w", af.Src, err)
 	}
 	return nil
+}
+
+// innerConfig is the image config sealed inside the encrypted disk
+// (/.krun_config.json). The overrides switch rides there, as the label
+// sealed.LabelAllowOverrides, because only what is encrypted is out of
+// the host's reach: the footer's copy is host-writable and serves only
+// to refuse early on the host.
+func innerConfig(c *imgspecv1.Image, allowOverrides bool) *imgspecv1.Image {
+	if c == nil {
+		c = &imgspecv1.Image{}
+	}
+	out := *c
+	labels := make(map[string]string, len(c.Config.Labels)+1)
+	for k, v := range c.Config.Labels {
+		labels[k] = v
+	}
+	delete(labels, sealed.LabelAllowOverrides) // only the seal decides
+	if allowOverrides {
+		labels[sealed.LabelAllowOverrides] = "true"
+	}
+	if len(labels) == 0 {
+		labels = nil
+	}
+	out.Config.Labels = labels
+	return &out
 }

@@ -15,10 +15,12 @@ import (
 )
 
 // KeySource gives the passphrase of the sealed disk. Development mode
-// takes it from the host's config; attested key release (a later
-// issue) is another KeySource behind the same unlock step.
+// takes it from the host's config (ConfigPassphrase); attested key
+// release asks the broker (BrokerKey). sc is the disk footer's workload
+// config: host-controlled, so it may only say where to ask, never what
+// to trust.
 type KeySource interface {
-	Passphrase(ctx context.Context, cfg *proto.Config) ([]byte, error)
+	Passphrase(ctx context.Context, cfg *proto.Config, sc sealed.Config) ([]byte, error)
 }
 
 // ConfigPassphrase is the development-mode KeySource: the host sent the
@@ -26,7 +28,7 @@ type KeySource interface {
 type ConfigPassphrase struct{}
 
 // Passphrase returns the config's passphrase.
-func (ConfigPassphrase) Passphrase(_ context.Context, cfg *proto.Config) ([]byte, error) {
+func (ConfigPassphrase) Passphrase(_ context.Context, cfg *proto.Config, _ sealed.Config) ([]byte, error) {
 	if cfg.Passphrase == "" {
 		return nil, errors.New("no passphrase in the host's config: pass --passphrase-file (development mode)")
 	}
@@ -77,7 +79,7 @@ func unlock(ctx context.Context, diskPath string, cfg *proto.Config, keys KeySou
 		return nil, fmt.Errorf("%s: %w", diskPath, err)
 	}
 
-	pass, err := keys.Passphrase(ctx, cfg)
+	pass, err := keys.Passphrase(ctx, cfg, sc)
 	if err != nil {
 		return nil, err
 	}

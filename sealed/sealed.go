@@ -37,6 +37,14 @@ const (
 	AnnotationDiskSz  = "io.cwrun.disk-size"   // bytes of disk.img
 )
 
+// LabelAllowOverrides, set to "true" in the config sealed inside the
+// encrypted disk (/.krun_config.json), is what lets the guest honour the
+// host's command and environment overrides. The footer's
+// CwrunConfig.AllowOverrides is only the host's early refusal: the host
+// can rewrite the footer, never the encrypted disk.
+const LabelAllowOverrides = "io.cwrun.allow-overrides"
+
+
 // TEE names a trusted execution environment, as written in krun-sev.json.
 type TEE string
 

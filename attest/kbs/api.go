@@ -2,6 +2,25 @@
 // (auth, attest, resource), the krun endpoints, and an admin API, over
 // one Store. Sessions are sealed cookies, so any replica sharing the
 // config's keys and the store answers any step.
+//
+// Release rules, in short (appraise.go has them in full): a workload's
+// passphrase (resource cwrun/<id>/passphrase, or krun's /key/<id>) goes
+// to a guest whose token names the workload's TEE, carries secure
+// evidence (sample only for sample workloads), meets every reference
+// value registered, and passes the workload's Rego policy and the
+// broker-wide resource policy where set. Any other resource goes where
+// the resource policy allows or, with none set, to any guest with
+// secure evidence: Trustee's default policy, which refuses only sample.
+// Every denial names the check that failed, in the answer and the log.
+//
+// krun's own attestation flow (protocol 0.0.0, RSA keys) is not served:
+// /kbs/v0/key/<id> answers after Trustee's handshake, with the token,
+// the passphrase sealed to the TEE key as a JWE.
+//
+// The broker never sees secrets in clear at rest: passphrases and
+// resources are sealed with the at-rest key, bound to their record, and
+// no log line carries them. It must never log evidence beyond the claim
+// a denial names, nor answer 5xx for a client's bad input.
 package kbs
 
 import (

@@ -18,6 +18,7 @@ type buildOpts struct {
 	tee, slop, passFile, passOut string
 	addFiles                     []string
 	quiet, timings               bool
+	kbs                          kbsRegisterOpts
 	opts                         build.Options
 }
 
@@ -33,9 +34,11 @@ SOURCE and DESTINATION are image references in any transport
 a bare name means local storage (podman's) first, then the registries of
 registries.conf.
 
-The disk passphrase never appears in argv, logs or the image: give your own
-with --passphrase-file, or let cwrun generate one and save it with
---passphrase-out.`,
+The disk passphrase never appears in argv, logs or the image. With --kbs,
+cwrun generates it and registers it with the key broker, which releases it
+only to a guest whose attestation matches the reference values (--ref);
+without a broker, give your own with --passphrase-file, or let cwrun
+generate one and save it with --passphrase-out.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error { return runBuild(cmd, g, o, args[0], args[1]) },
 	}
@@ -46,7 +49,8 @@ with --passphrase-file, or let cwrun generate one and save it with
 	f.StringVar(&o.opts.WorkloadID, "workload-id", "", "the key broker's name for this workload (default: random)")
 	f.StringVar(&o.passFile, "passphrase-file", "", "read the disk passphrase from this file (one trailing newline is dropped)")
 	f.StringVar(&o.passOut, "passphrase-out", "", "write the generated passphrase to this new file (mode 0600)")
-	f.StringVar(&o.opts.AttestationURL, "attestation-url", "", "the key broker's base URL, recorded in the image")
+	f.StringVar(&o.opts.AttestationURL, "attestation-url", "", "the key broker's base URL, recorded in the image (default: --kbs)")
+	o.kbs.addFlags(f)
 	f.StringVar(&o.slop, "slop", "25%", "extra room on the disk: a percentage, a fraction or a size (64MiB)")
 	f.StringArrayVar(&o.addFiles, "add-file", nil, "copy HOSTPATH:GUESTPATH into the sealed root file system (repeatable)")
 	f.IntVar(&o.opts.LUKS, "luks", 2, "LUKS version: 2, or 1 for exactly the layout buildah mkcw writes")
@@ -77,6 +81,14 @@ func runBuild(cmd *cobra.Command, g *globalOpts, o *buildOpts, src, dst string) 
 		}
 		opts.AddFiles = append(opts.AddFiles, af)
 	}
+	if o.kbs.url != "" {
+		if opts.Register, err = o.kbs.registrar(opts.TEE); err != nil {
+			return err
+		}
+		if opts.AttestationURL == "" {
+			opts.AttestationURL = o.kbs.url
+		}
+	}
 	switch {
 	case o.passFile != "" && o.passOut != "":
 		return errors.New("--passphrase-file and --passphrase-out exclude each other: one gives the passphrase, the other saves a generated one")
@@ -85,7 +97,7 @@ func runBuild(cmd *cobra.Command, g *globalOpts, o *buildOpts, src, dst string) 
 			return err
 		}
 		defer clear(opts.Passphrase)
-	case o.passOut == "":
+	case o.passOut == "" && o.kbs.url == "":
 		return errors.New("no way to recover the disk passphrase: give --passphrase-file FILE (your own) or --passphrase-out FILE (cwrun writes the generated one there, mode 0600)")
 	}
 	var out *os.File
@@ -153,6 +165,9 @@ func printSealed(w io.Writer, src string, res *build.Result, took time.Duration,
 	}
 	if passOut != "" {
 		fmt.Fprintf(w, "  passphrase   written to %s\n", passOut)
+	}
+	if res.Registered {
+		fmt.Fprintf(w, "  passphrase   held by the broker only: released after attestation\n")
 	}
 }
 

@@ -39,28 +39,56 @@ type Workload struct {
 // Store is the broker's state. Every method is safe for concurrent use
 // and durable when it returns nil: an acknowledged write survives a
 // kill -9 of the process.
+//
+// Keys (workload IDs, resource paths, policy names, nonces) and text
+// (Tee, Policy, Rego) must be non-empty valid UTF-8 without NUL bytes
+// (see CheckText): PostgreSQL cannot store anything else, so SQLite
+// refuses it too and both behave alike. Times are kept to the
+// microsecond (PostgreSQL's precision) and returned in UTC. A method
+// whose ctx is done returns an error that wraps ctx.Err().
 type Store interface {
 	// AddWorkload stores w; ErrExists when its ID is taken (never an
-	// overwrite).
+	// overwrite). A zero Created is set to the current time.
 	AddWorkload(ctx context.Context, w Workload) error
 	// UpdateWorkload replaces an existing workload; ErrNotFound if none.
+	// Created keeps its original value: it records the registration.
 	UpdateWorkload(ctx context.Context, w Workload) error
+	// Workload returns one workload; ErrNotFound if none.
 	Workload(ctx context.Context, id string) (Workload, error)
+	// Workloads lists every workload ordered by ID (empty, not an
+	// error, when there are none).
 	Workloads(ctx context.Context) ([]Workload, error)
+	// DeleteWorkload removes a workload; ErrNotFound if none.
 	DeleteWorkload(ctx context.Context, id string) error
 
-	// Resources are sealed blobs at "repo/type/tag".
+	// Resources are sealed blobs at "repo/type/tag". SetResource creates
+	// or overwrites; Resource and DeleteResource return ErrNotFound for
+	// a missing path.
 	SetResource(ctx context.Context, path string, sealed []byte) error
 	Resource(ctx context.Context, path string) ([]byte, error)
 	DeleteResource(ctx context.Context, path string) error
 
 	// Policies by name ("resource" is the broker-wide resource policy).
+	// SetPolicy creates or overwrites; Policy returns ErrNotFound for a
+	// missing name.
 	SetPolicy(ctx context.Context, name, rego string) error
 	Policy(ctx context.Context, name string) (string, error)
 
 	// UseNonce records a nonce as consumed until expires; ErrReplay when
-	// it already was. Expired entries may be dropped at any time.
+	// it already was. Expired entries may be dropped at any time, and a
+	// nonce whose entry has expired may be used again (the broker refuses
+	// expired nonces before it gets here). An expires not in the future
+	// is an error: recording it would guard nothing.
 	UseNonce(ctx context.Context, nonce string, expires time.Time) error
 
 	Close() error
+}
+
+// Pruner is an optional power of a Store: dropping expired nonces now
+// rather than opportunistically. Both stores have it; a broker may call
+// it from a ticker, and tests use it to check pruning.
+type Pruner interface {
+	// PruneNonces deletes nonces whose expiry is at or before now and
+	// returns how many it deleted.
+	PruneNonces(ctx context.Context, now time.Time) (int64, error)
 }

@@ -1,0 +1,444 @@
+// Package postgres is the broker's shared store: PostgreSQL through
+// pgx, for several brokers that serve one fleet. It must never hold a
+// secret in clear (the broker seals them first) and never rely on one
+// broker's memory for correctness: replay protection and ID uniqueness
+// are decided by the database (a primary key and an atomic upsert), so
+// any replica may serve any request.
+//
+// Durability: a write returns only after PostgreSQL acknowledged its
+// commit, which with the server's default synchronous_commit=on means
+// the commit record reached the server's WAL on disk. A kill -9 of the
+// broker therefore cannot lose it: the broker holds nothing the server
+// has not already made durable.
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/cwrun/cwrun/attest/kbs/store"
+	"github.com/cwrun/cwrun/attest/kbs/store/internal/prune"
+)
+
+const (
+	// migrationLock is the advisory lock key ("cwrunkbs") held while the
+	// schema is checked and migrated, so that brokers starting together
+	// do not race to create it. Advisory locks are per database.
+	migrationLock int64 = 0x637772756e6b6273
+	// defaultMaxConns is the pool size unless the URL sets
+	// pool_max_conns: enough connections that 64 concurrent handshakes
+	// share the server's group commit rather than queue for a few.
+	defaultMaxConns = 16
+	// pruneEvery is how many nonce inserts start one background prune.
+	pruneEvery = 512
+	// pruneBatch bounds one DELETE.
+	pruneBatch = 1000
+	// uniqueViolation is PostgreSQL's SQLSTATE for a duplicate key.
+	uniqueViolation = "23505"
+)
+
+// migrations are applied in order; schema_version holds how many have
+// run. Never edit one that has shipped: append a new one.
+var migrations = []string{
+	// 1: the initial schema. References are JSON kept as text, so they
+	// come back byte for byte (jsonb would reorder and refuse \u0000).
+	`CREATE TABLE workloads (
+		id                text PRIMARY KEY,
+		tee               text NOT NULL,
+		sealed_passphrase bytea NOT NULL,
+		refs              text NOT NULL,
+		policy            text NOT NULL,
+		cpus              bigint NOT NULL,
+		memory_mib        bigint NOT NULL,
+		created           timestamptz NOT NULL
+	);
+	CREATE TABLE resources (
+		path    text PRIMARY KEY,
+		sealed  bytea NOT NULL,
+		updated timestamptz NOT NULL
+	);
+	CREATE TABLE policies (
+		name    text PRIMARY KEY,
+		rego    text NOT NULL,
+		updated timestamptz NOT NULL
+	);
+	CREATE TABLE nonces (
+		nonce   text PRIMARY KEY,
+		expires timestamptz NOT NULL
+	);
+	CREATE INDEX nonces_expires ON nonces (expires);`,
+}
+
+// SchemaVersion is the schema version this package writes.
+func SchemaVersion() int { return len(migrations) }
+
+// Store is the PostgreSQL store. It implements store.Store and
+// store.Pruner.
+type Store struct {
+	pool  *pgxpool.Pool
+	prune *prune.Trigger
+	now   func() time.Time
+}
+
+var (
+	_ store.Store  = (*Store)(nil)
+	_ store.Pruner = (*Store)(nil)
+)
+
+// Open connects to the database at url (postgres:// or postgresql://,
+// libpq's parameters and pgxpool's pool_* parameters), checks that it
+// answers and creates or migrates the schema.
+func Open(ctx context.Context, url string) (*Store, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		// pgx's message may quote the URL; name it without its password.
+		return nil, fmt.Errorf("open postgres store %s: parse URL: %w", redact(url), err)
+	}
+	if !strings.Contains(url, "pool_max_conns") {
+		cfg.MaxConns = defaultMaxConns
+	}
+	where := fmt.Sprintf("%s@%s:%d/%s", cfg.ConnConfig.User, cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.Database)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open postgres store %s: %w", where, ctxErr(ctx, err))
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("open postgres store %s: %w (is the server up and the URL right?)", where, ctxErr(ctx, err))
+	}
+	s := &Store{pool: pool, now: time.Now}
+	if err := s.migrate(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("open postgres store %s: %w", where, ctxErr(ctx, err))
+	}
+	s.prune = prune.New(pruneEvery, s.backgroundPrune)
+	return s, nil
+}
+
+// redact returns raw without a password, or a placeholder when it
+// does not parse as a URL.
+func redact(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
+
+// Close stops the background prune and closes the pool.
+func (s *Store) Close() error {
+	s.prune.Close()
+	s.pool.Close()
+	return nil
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		// Released at commit or rollback.
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, migrationLock); err != nil {
+			return fmt.Errorf("take migration lock: %w", err)
+		}
+		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)`); err != nil {
+			return fmt.Errorf("create schema_version: %w", err)
+		}
+		var v int
+		if err := tx.QueryRow(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+			return fmt.Errorf("read schema version: %w", err)
+		}
+		if v > len(migrations) {
+			return fmt.Errorf("database schema version %d is newer than this cwrun knows (%d): upgrade cwrun", v, len(migrations))
+		}
+		for i := v; i < len(migrations); i++ {
+			if _, err := tx.Exec(ctx, migrations[i]); err != nil {
+				return fmt.Errorf("migrate schema to version %d: %w", i+1, err)
+			}
+		}
+		if v == len(migrations) {
+			return nil
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM schema_version`); err != nil {
+			return fmt.Errorf("record schema version: %w", err)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO schema_version (version) VALUES ($1)`, len(migrations)); err != nil {
+			return fmt.Errorf("record schema version: %w", err)
+		}
+		return nil
+	})
+}
+
+// AddWorkload implements store.Store.
+func (s *Store) AddWorkload(ctx context.Context, w store.Workload) error {
+	if err := store.CheckWorkload(w); err != nil {
+		return fmt.Errorf("add workload: %w", err)
+	}
+	refs, err := json.Marshal(w.References)
+	if err != nil {
+		return fmt.Errorf("add workload %s: encode references: %w", w.ID, err)
+	}
+	_, err = s.pool.Exec(ctx, `INSERT INTO workloads
+		(id, tee, sealed_passphrase, refs, policy, cpus, memory_mib, created)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
+		w.ID, w.Tee, blob(w.SealedPassphrase), string(refs), w.Policy, w.CPUs, w.MemoryMiB, store.Created(w, s.now()))
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == uniqueViolation {
+		err = store.ErrExists
+	}
+	if err != nil {
+		return fmt.Errorf("add workload %s: %w", w.ID, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// UpdateWorkload implements store.Store.
+func (s *Store) UpdateWorkload(ctx context.Context, w store.Workload) error {
+	if err := store.CheckWorkload(w); err != nil {
+		return fmt.Errorf("update workload: %w", err)
+	}
+	refs, err := json.Marshal(w.References)
+	if err != nil {
+		return fmt.Errorf("update workload %s: encode references: %w", w.ID, err)
+	}
+	tag, err := s.pool.Exec(ctx, `UPDATE workloads SET
+		tee = $2, sealed_passphrase = $3, refs = $4, policy = $5, cpus = $6, memory_mib = $7
+		WHERE id = $1`,
+		w.ID, w.Tee, blob(w.SealedPassphrase), string(refs), w.Policy, w.CPUs, w.MemoryMiB)
+	if err == nil {
+		err = affected(tag, store.ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("update workload %s: %w", w.ID, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+const workloadColumns = `id, tee, sealed_passphrase, refs, policy, cpus, memory_mib, created`
+
+// Workload implements store.Store.
+func (s *Store) Workload(ctx context.Context, id string) (store.Workload, error) {
+	w, err := scanWorkload(s.pool.QueryRow(ctx, `SELECT `+workloadColumns+` FROM workloads WHERE id = $1`, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = store.ErrNotFound
+	}
+	if err != nil {
+		return store.Workload{}, fmt.Errorf("workload %s: %w", id, ctxErr(ctx, err))
+	}
+	return w, nil
+}
+
+// Workloads implements store.Store. IDs sort bytewise (COLLATE "C"),
+// as the SQLite store and Go's sort.Strings do, whatever the
+// database's collation.
+func (s *Store) Workloads(ctx context.Context) ([]store.Workload, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+workloadColumns+` FROM workloads ORDER BY id COLLATE "C"`)
+	if err != nil {
+		return nil, fmt.Errorf("list workloads: %w", ctxErr(ctx, err))
+	}
+	defer rows.Close()
+	ws := []store.Workload{}
+	for rows.Next() {
+		w, err := scanWorkload(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list workloads: %w", ctxErr(ctx, err))
+		}
+		ws = append(ws, w)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list workloads: %w", ctxErr(ctx, err))
+	}
+	return ws, nil
+}
+
+func scanWorkload(row pgx.Row) (store.Workload, error) {
+	var (
+		w    store.Workload
+		refs string
+	)
+	if err := row.Scan(&w.ID, &w.Tee, &w.SealedPassphrase, &refs, &w.Policy, &w.CPUs, &w.MemoryMiB, &w.Created); err != nil {
+		return store.Workload{}, err
+	}
+	if err := json.Unmarshal([]byte(refs), &w.References); err != nil {
+		return store.Workload{}, fmt.Errorf("workload %s: decode references: %w (the database is damaged)", w.ID, err)
+	}
+	w.SealedPassphrase = blob(w.SealedPassphrase)
+	w.Created = w.Created.UTC()
+	return w, nil
+}
+
+// DeleteWorkload implements store.Store.
+func (s *Store) DeleteWorkload(ctx context.Context, id string) error {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM workloads WHERE id = $1`, id)
+	if err == nil {
+		err = affected(tag, store.ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("delete workload %s: %w", id, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// SetResource implements store.Store.
+func (s *Store) SetResource(ctx context.Context, path string, sealed []byte) error {
+	if err := store.CheckText("resource path", path); err != nil {
+		return fmt.Errorf("set resource: %w", err)
+	}
+	_, err := s.pool.Exec(ctx, `INSERT INTO resources (path, sealed, updated) VALUES ($1, $2, $3)
+		ON CONFLICT (path) DO UPDATE SET sealed = EXCLUDED.sealed, updated = EXCLUDED.updated`,
+		path, blob(sealed), s.now())
+	if err != nil {
+		return fmt.Errorf("set resource %s: %w", path, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// Resource implements store.Store.
+func (s *Store) Resource(ctx context.Context, path string) ([]byte, error) {
+	var sealed []byte
+	err := s.pool.QueryRow(ctx, `SELECT sealed FROM resources WHERE path = $1`, path).Scan(&sealed)
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = store.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("resource %s: %w", path, ctxErr(ctx, err))
+	}
+	return blob(sealed), nil
+}
+
+// DeleteResource implements store.Store.
+func (s *Store) DeleteResource(ctx context.Context, path string) error {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM resources WHERE path = $1`, path)
+	if err == nil {
+		err = affected(tag, store.ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("delete resource %s: %w", path, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// SetPolicy implements store.Store.
+func (s *Store) SetPolicy(ctx context.Context, name, rego string) error {
+	if err := store.CheckText("policy name", name); err != nil {
+		return fmt.Errorf("set policy: %w", err)
+	}
+	if err := store.CheckText("policy "+name+" rego", rego); err != nil {
+		return fmt.Errorf("set policy: %w", err)
+	}
+	_, err := s.pool.Exec(ctx, `INSERT INTO policies (name, rego, updated) VALUES ($1, $2, $3)
+		ON CONFLICT (name) DO UPDATE SET rego = EXCLUDED.rego, updated = EXCLUDED.updated`,
+		name, rego, s.now())
+	if err != nil {
+		return fmt.Errorf("set policy %s: %w", name, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// Policy implements store.Store.
+func (s *Store) Policy(ctx context.Context, name string) (string, error) {
+	var rego string
+	err := s.pool.QueryRow(ctx, `SELECT rego FROM policies WHERE name = $1`, name).Scan(&rego)
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = store.ErrNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("policy %s: %w", name, ctxErr(ctx, err))
+	}
+	return rego, nil
+}
+
+// UseNonce implements store.Store with one atomic upsert: a new nonce
+// is inserted, an expired entry is taken over, a live one changes no
+// row and is reported as a replay. PostgreSQL guarantees that of
+// concurrent upserts of one nonce exactly one inserts; the others wait
+// for it and then see a live entry.
+func (s *Store) UseNonce(ctx context.Context, nonce string, expires time.Time) error {
+	if err := store.CheckText("nonce", nonce); err != nil {
+		return fmt.Errorf("use nonce: %w", err)
+	}
+	now := s.now()
+	if err := store.CheckExpiry(expires, now); err != nil {
+		return err
+	}
+	tag, err := s.pool.Exec(ctx, `INSERT INTO nonces (nonce, expires) VALUES ($1, $2)
+		ON CONFLICT (nonce) DO UPDATE SET expires = EXCLUDED.expires WHERE nonces.expires <= $3`,
+		nonce, expires, now)
+	if err == nil {
+		err = affected(tag, store.ErrReplay)
+	}
+	if err != nil {
+		return fmt.Errorf("use nonce: %w", ctxErr(ctx, err))
+	}
+	s.prune.Tick()
+	return nil
+}
+
+// PruneNonces implements store.Pruner.
+func (s *Store) PruneNonces(ctx context.Context, now time.Time) (int64, error) {
+	return s.pruneNonces(ctx, now, func() bool { return false })
+}
+
+func (s *Store) pruneNonces(ctx context.Context, now time.Time, stopped func() bool) (int64, error) {
+	var total int64
+	for !stopped() {
+		// SKIP LOCKED: brokers pruning at once split the work instead
+		// of waiting on each other's rows.
+		tag, err := s.pool.Exec(ctx, `DELETE FROM nonces WHERE nonce IN
+			(SELECT nonce FROM nonces WHERE expires <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+			now, pruneBatch)
+		if err != nil {
+			return total, fmt.Errorf("prune nonces: %w", ctxErr(ctx, err))
+		}
+		total += tag.RowsAffected()
+		if tag.RowsAffected() < pruneBatch {
+			break
+		}
+	}
+	return total, nil
+}
+
+// backgroundPrune is the prune.Trigger's run. A failure is left for
+// the next run: pruning only keeps the table small, and a broker that
+// cares calls PruneNonces itself and sees the error.
+func (s *Store) backgroundPrune(stopped func() bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, _ = s.pruneNonces(ctx, s.now(), stopped)
+}
+
+// ctxErr makes err wrap ctx.Err() when ctx is done, so that callers
+// can tell a cancelled call by errors.Is whatever pgx reported: its
+// own timeout error, or the server's answer to the cancel request it
+// sends (SQLSTATE 57014). A write whose context ended may still have
+// committed (the cancel can arrive after the commit); for a nonce that
+// only fails closed.
+func ctxErr(ctx context.Context, err error) error {
+	if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
+		return fmt.Errorf("%w: %w", cerr, err)
+	}
+	return err
+}
+
+// affected turns "no row changed" into err.
+func affected(tag pgconn.CommandTag, err error) error {
+	if tag.RowsAffected() == 0 {
+		return err
+	}
+	return nil
+}
+
+// blob keeps a nil slice from becoming a NULL in a NOT NULL column and
+// reads an empty bytea back as an empty, non-nil slice.
+func blob(b []byte) []byte {
+	if b == nil {
+		return []byte{}
+	}
+	return b
+}

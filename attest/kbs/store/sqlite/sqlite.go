@@ -1,0 +1,529 @@
+// Package sqlite is the broker's embedded store: one SQLite file
+// (pure Go, modernc.org/sqlite), for a single broker process. It must
+// never be shared by brokers on different machines (use the PostgreSQL
+// store) and never hold a secret in clear (the broker seals them first).
+//
+// Durability. The database runs in WAL mode. Nonce inserts, the hot
+// path (one per handshake), commit with synchronous=NORMAL: the commit
+// is written to the WAL file with write(2) before UseNonce returns, so
+// it sits in the kernel's page cache and survives a kill -9 of the
+// broker; only an OS crash or power loss before the next checkpoint can
+// drop it, which at worst reopens a replay window for nonces that
+// expire within minutes anyway. Workload, resource, policy and schema
+// writes commit with synchronous=FULL (the WAL is fsynced before they
+// return): losing an acknowledged sealed passphrase to a power cut
+// would leave a sealed disk nobody can open, and these writes are rare.
+//
+// Concurrency. SQLite has one writer at a time. Writes go through a
+// pool of exactly one connection, so concurrent handshakes queue in
+// database/sql (honouring their contexts) instead of spinning in
+// SQLite's busy handler or failing with SQLITE_BUSY; transactions begin
+// IMMEDIATE so a read-then-write never has to upgrade its lock. Reads
+// use a separate pool of query-only connections: WAL readers neither
+// block the writer nor wait for it. busy_timeout covers another process
+// (an admin command) holding the write lock for a moment.
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/cwrun/cwrun/attest/kbs/store"
+	"github.com/cwrun/cwrun/attest/kbs/store/internal/prune"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" driver
+)
+
+const (
+	// busyTimeout bounds how long a statement waits for a lock held by
+	// another process before failing with SQLITE_BUSY.
+	busyTimeout = 10 * time.Second
+	// pruneEvery is how many nonce inserts start one background prune.
+	pruneEvery = 512
+	// pruneBatch bounds one DELETE, so the writer is held for
+	// milliseconds and handshakes queued behind it barely notice.
+	pruneBatch = 1000
+)
+
+// migrations are applied in order; schema_version holds how many have
+// run. Never edit one that has shipped: append a new one.
+var migrations = []string{
+	// 1: the initial schema. Times are Unix microseconds.
+	`CREATE TABLE workloads (
+		id                TEXT PRIMARY KEY,
+		tee               TEXT NOT NULL,
+		sealed_passphrase BLOB NOT NULL,
+		refs              TEXT NOT NULL, -- JSON: claim -> accepted values
+		policy            TEXT NOT NULL,
+		cpus              INTEGER NOT NULL,
+		memory_mib        INTEGER NOT NULL,
+		created           INTEGER NOT NULL
+	);
+	CREATE TABLE resources (
+		path    TEXT PRIMARY KEY,
+		sealed  BLOB NOT NULL,
+		updated INTEGER NOT NULL
+	);
+	CREATE TABLE policies (
+		name    TEXT PRIMARY KEY,
+		rego    TEXT NOT NULL,
+		updated INTEGER NOT NULL
+	);
+	CREATE TABLE nonces (
+		nonce   TEXT PRIMARY KEY,
+		expires INTEGER NOT NULL
+	) WITHOUT ROWID;
+	CREATE INDEX nonces_expires ON nonces (expires);`,
+}
+
+// SchemaVersion is the schema version this package writes.
+func SchemaVersion() int { return len(migrations) }
+
+// Store is the SQLite store. It implements store.Store and store.Pruner.
+type Store struct {
+	path  string
+	w     *sql.DB // exactly one connection: the single writer
+	r     *sql.DB // query-only readers
+	prune *prune.Trigger
+	now   func() time.Time
+}
+
+var (
+	_ store.Store  = (*Store)(nil)
+	_ store.Pruner = (*Store)(nil)
+)
+
+// Open opens the SQLite database at path, creating it (mode 0600, in
+// an existing directory) and its schema on first use.
+func Open(ctx context.Context, path string) (*Store, error) {
+	if path == "" || path == ":memory:" || strings.HasPrefix(path, "file:") {
+		return nil, fmt.Errorf("open sqlite store %q: give the path of a database file (in-memory and file: URIs are not supported)", path)
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("open sqlite store %s: %w", path, err)
+	}
+	// Create the file ourselves so that it is private from the start;
+	// SQLite gives its -wal and -shm files the database file's mode.
+	f, err := os.OpenFile(abs, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open sqlite store %s: %w (does its directory exist and is it writable?)", abs, err)
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("open sqlite store %s: %w", abs, err)
+	}
+
+	w, err := sql.Open("sqlite", dsn(abs, url.Values{
+		"_pragma": {
+			fmt.Sprintf("busy_timeout(%d)", busyTimeout.Milliseconds()),
+			"journal_mode(WAL)",
+			"synchronous(NORMAL)",
+			"foreign_keys(1)",
+		},
+		"_txlock": {"immediate"},
+	}))
+	if err != nil {
+		return nil, fmt.Errorf("open sqlite store %s: %w", abs, err)
+	}
+	w.SetMaxOpenConns(1)
+	w.SetMaxIdleConns(1)
+	w.SetConnMaxLifetime(0)
+	w.SetConnMaxIdleTime(0)
+
+	s := &Store{path: abs, w: w, now: time.Now}
+	// The writer must have switched the file to WAL before readers
+	// open it; migrating does that.
+	if err := s.migrate(ctx); err != nil {
+		_ = w.Close()
+		return nil, fmt.Errorf("open sqlite store %s: %w", abs, err)
+	}
+
+	readers := max(4, runtime.GOMAXPROCS(0))
+	r, err := sql.Open("sqlite", dsn(abs, url.Values{
+		"_pragma": {
+			fmt.Sprintf("busy_timeout(%d)", busyTimeout.Milliseconds()),
+			"foreign_keys(1)",
+			"query_only(1)",
+		},
+	}))
+	if err != nil {
+		_ = w.Close()
+		return nil, fmt.Errorf("open sqlite store %s: %w", abs, err)
+	}
+	r.SetMaxOpenConns(readers)
+	r.SetMaxIdleConns(readers)
+	r.SetConnMaxLifetime(0)
+	if err := r.PingContext(ctx); err != nil {
+		_ = r.Close()
+		_ = w.Close()
+		return nil, fmt.Errorf("open sqlite store %s: %w", abs, err)
+	}
+	s.r = r
+	s.prune = prune.New(pruneEvery, s.backgroundPrune)
+	return s, nil
+}
+
+// dsn builds a file: URI, so that any character in the path is escaped
+// rather than read as a query.
+func dsn(abs string, q url.Values) string {
+	return (&url.URL{Scheme: "file", Path: abs, RawQuery: q.Encode()}).String()
+}
+
+// Path is the absolute path of the database file.
+func (s *Store) Path() string { return s.path }
+
+// Close stops the background prune and closes the database; the last
+// connection's close checkpoints the WAL into the main file.
+func (s *Store) Close() error {
+	s.prune.Close()
+	return errors.Join(s.r.Close(), s.w.Close())
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	return s.write(ctx, true, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+			return fmt.Errorf("create schema_version: %w", err)
+		}
+		var v int
+		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+			return fmt.Errorf("read schema version: %w", err)
+		}
+		if v > len(migrations) {
+			return fmt.Errorf("database schema version %d is newer than this cwrun knows (%d): upgrade cwrun", v, len(migrations))
+		}
+		for i := v; i < len(migrations); i++ {
+			if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+				return fmt.Errorf("migrate schema to version %d: %w", i+1, err)
+			}
+		}
+		if v == len(migrations) {
+			return nil
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM schema_version`); err != nil {
+			return fmt.Errorf("record schema version: %w", err)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version) VALUES (?)`, len(migrations)); err != nil {
+			return fmt.Errorf("record schema version: %w", err)
+		}
+		return nil
+	})
+}
+
+// write runs fn in an IMMEDIATE transaction on the writer. durable
+// makes the commit fsync the WAL (synchronous=FULL) before returning.
+func (s *Store) write(ctx context.Context, durable bool, fn func(tx *sql.Tx) error) (err error) {
+	conn, err := s.w.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if durable {
+		if _, err := conn.ExecContext(ctx, `PRAGMA synchronous = FULL`); err != nil {
+			return err
+		}
+		defer func() {
+			// Back to NORMAL for the nonce inserts that share this
+			// connection, even when ctx is done. Should this fail the
+			// connection only stays slower, never less durable.
+			if _, rerr := conn.ExecContext(context.Background(), `PRAGMA synchronous = NORMAL`); rerr != nil && err == nil {
+				err = fmt.Errorf("restore synchronous=NORMAL: %w", rerr)
+			}
+		}()
+	}
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		_ = tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// AddWorkload implements store.Store.
+func (s *Store) AddWorkload(ctx context.Context, w store.Workload) error {
+	if err := store.CheckWorkload(w); err != nil {
+		return fmt.Errorf("add workload: %w", err)
+	}
+	refs, err := json.Marshal(w.References)
+	if err != nil {
+		return fmt.Errorf("add workload %s: encode references: %w", w.ID, err)
+	}
+	created := store.Created(w, s.now())
+	err = s.write(ctx, true, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `INSERT INTO workloads
+			(id, tee, sealed_passphrase, refs, policy, cpus, memory_mib, created)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT (id) DO NOTHING`,
+			w.ID, w.Tee, blob(w.SealedPassphrase), string(refs), w.Policy, w.CPUs, w.MemoryMiB, created.UnixMicro())
+		if err != nil {
+			return err
+		}
+		return affected(res, store.ErrExists)
+	})
+	if err != nil {
+		return fmt.Errorf("add workload %s: %w", w.ID, err)
+	}
+	return nil
+}
+
+// UpdateWorkload implements store.Store.
+func (s *Store) UpdateWorkload(ctx context.Context, w store.Workload) error {
+	if err := store.CheckWorkload(w); err != nil {
+		return fmt.Errorf("update workload: %w", err)
+	}
+	refs, err := json.Marshal(w.References)
+	if err != nil {
+		return fmt.Errorf("update workload %s: encode references: %w", w.ID, err)
+	}
+	err = s.write(ctx, true, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `UPDATE workloads SET
+			tee = ?, sealed_passphrase = ?, refs = ?, policy = ?, cpus = ?, memory_mib = ?
+			WHERE id = ?`,
+			w.Tee, blob(w.SealedPassphrase), string(refs), w.Policy, w.CPUs, w.MemoryMiB, w.ID)
+		if err != nil {
+			return err
+		}
+		return affected(res, store.ErrNotFound)
+	})
+	if err != nil {
+		return fmt.Errorf("update workload %s: %w", w.ID, err)
+	}
+	return nil
+}
+
+const workloadColumns = `id, tee, sealed_passphrase, refs, policy, cpus, memory_mib, created`
+
+// Workload implements store.Store.
+func (s *Store) Workload(ctx context.Context, id string) (store.Workload, error) {
+	w, err := scanWorkload(s.r.QueryRowContext(ctx, `SELECT `+workloadColumns+` FROM workloads WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		err = store.ErrNotFound
+	}
+	if err != nil {
+		return store.Workload{}, fmt.Errorf("workload %s: %w", id, err)
+	}
+	return w, nil
+}
+
+// Workloads implements store.Store.
+func (s *Store) Workloads(ctx context.Context) ([]store.Workload, error) {
+	rows, err := s.r.QueryContext(ctx, `SELECT `+workloadColumns+` FROM workloads ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("list workloads: %w", err)
+	}
+	defer rows.Close()
+	ws := []store.Workload{}
+	for rows.Next() {
+		w, err := scanWorkload(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list workloads: %w", err)
+		}
+		ws = append(ws, w)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list workloads: %w", err)
+	}
+	return ws, nil
+}
+
+func scanWorkload(row interface{ Scan(...any) error }) (store.Workload, error) {
+	var (
+		w       store.Workload
+		refs    string
+		created int64
+	)
+	if err := row.Scan(&w.ID, &w.Tee, &w.SealedPassphrase, &refs, &w.Policy, &w.CPUs, &w.MemoryMiB, &created); err != nil {
+		return store.Workload{}, err
+	}
+	if err := json.Unmarshal([]byte(refs), &w.References); err != nil {
+		return store.Workload{}, fmt.Errorf("workload %s: decode references: %w (the database is damaged)", w.ID, err)
+	}
+	w.SealedPassphrase = blob(w.SealedPassphrase)
+	w.Created = time.UnixMicro(created).UTC()
+	return w, nil
+}
+
+// DeleteWorkload implements store.Store.
+func (s *Store) DeleteWorkload(ctx context.Context, id string) error {
+	err := s.write(ctx, true, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `DELETE FROM workloads WHERE id = ?`, id)
+		if err != nil {
+			return err
+		}
+		return affected(res, store.ErrNotFound)
+	})
+	if err != nil {
+		return fmt.Errorf("delete workload %s: %w", id, err)
+	}
+	return nil
+}
+
+// SetResource implements store.Store.
+func (s *Store) SetResource(ctx context.Context, path string, sealed []byte) error {
+	if err := store.CheckText("resource path", path); err != nil {
+		return fmt.Errorf("set resource: %w", err)
+	}
+	now := s.now().UnixMicro()
+	err := s.write(ctx, true, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `INSERT INTO resources (path, sealed, updated) VALUES (?, ?, ?)
+			ON CONFLICT (path) DO UPDATE SET sealed = excluded.sealed, updated = excluded.updated`,
+			path, blob(sealed), now)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("set resource %s: %w", path, err)
+	}
+	return nil
+}
+
+// Resource implements store.Store.
+func (s *Store) Resource(ctx context.Context, path string) ([]byte, error) {
+	var sealed []byte
+	err := s.r.QueryRowContext(ctx, `SELECT sealed FROM resources WHERE path = ?`, path).Scan(&sealed)
+	if errors.Is(err, sql.ErrNoRows) {
+		err = store.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("resource %s: %w", path, err)
+	}
+	return blob(sealed), nil
+}
+
+// DeleteResource implements store.Store.
+func (s *Store) DeleteResource(ctx context.Context, path string) error {
+	err := s.write(ctx, true, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `DELETE FROM resources WHERE path = ?`, path)
+		if err != nil {
+			return err
+		}
+		return affected(res, store.ErrNotFound)
+	})
+	if err != nil {
+		return fmt.Errorf("delete resource %s: %w", path, err)
+	}
+	return nil
+}
+
+// SetPolicy implements store.Store.
+func (s *Store) SetPolicy(ctx context.Context, name, rego string) error {
+	if err := store.CheckText("policy name", name); err != nil {
+		return fmt.Errorf("set policy: %w", err)
+	}
+	if err := store.CheckText("policy "+name+" rego", rego); err != nil {
+		return fmt.Errorf("set policy: %w", err)
+	}
+	now := s.now().UnixMicro()
+	err := s.write(ctx, true, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `INSERT INTO policies (name, rego, updated) VALUES (?, ?, ?)
+			ON CONFLICT (name) DO UPDATE SET rego = excluded.rego, updated = excluded.updated`,
+			name, rego, now)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("set policy %s: %w", name, err)
+	}
+	return nil
+}
+
+// Policy implements store.Store.
+func (s *Store) Policy(ctx context.Context, name string) (string, error) {
+	var rego string
+	err := s.r.QueryRowContext(ctx, `SELECT rego FROM policies WHERE name = ?`, name).Scan(&rego)
+	if errors.Is(err, sql.ErrNoRows) {
+		err = store.ErrNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("policy %s: %w", name, err)
+	}
+	return rego, nil
+}
+
+// UseNonce implements store.Store. It is one autocommit statement on
+// the writer: a new nonce is inserted, an expired entry is taken over,
+// a live one changes nothing and is reported as a replay.
+func (s *Store) UseNonce(ctx context.Context, nonce string, expires time.Time) error {
+	if err := store.CheckText("nonce", nonce); err != nil {
+		return fmt.Errorf("use nonce: %w", err)
+	}
+	now := s.now()
+	if err := store.CheckExpiry(expires, now); err != nil {
+		return err
+	}
+	res, err := s.w.ExecContext(ctx, `INSERT INTO nonces (nonce, expires) VALUES (?, ?)
+		ON CONFLICT (nonce) DO UPDATE SET expires = excluded.expires WHERE nonces.expires <= ?`,
+		nonce, expires.UnixMicro(), now.UnixMicro())
+	if err == nil {
+		err = affected(res, store.ErrReplay)
+	}
+	if err != nil {
+		return fmt.Errorf("use nonce: %w", err)
+	}
+	s.prune.Tick()
+	return nil
+}
+
+// PruneNonces implements store.Pruner.
+func (s *Store) PruneNonces(ctx context.Context, now time.Time) (int64, error) {
+	return s.pruneNonces(ctx, now, func() bool { return false })
+}
+
+func (s *Store) pruneNonces(ctx context.Context, now time.Time, stopped func() bool) (int64, error) {
+	var total int64
+	for !stopped() {
+		res, err := s.w.ExecContext(ctx, `DELETE FROM nonces WHERE nonce IN
+			(SELECT nonce FROM nonces WHERE expires <= ? LIMIT ?)`, now.UnixMicro(), pruneBatch)
+		if err != nil {
+			return total, fmt.Errorf("prune nonces: %w", err)
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return total, fmt.Errorf("prune nonces: %w", err)
+		}
+		total += n
+		if n < pruneBatch {
+			break
+		}
+	}
+	return total, nil
+}
+
+// backgroundPrune is the prune.Trigger's run. A failure is left for
+// the next run: pruning only keeps the table small, and a broker that
+// cares calls PruneNonces itself and sees the error.
+func (s *Store) backgroundPrune(stopped func() bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, _ = s.pruneNonces(ctx, s.now(), stopped)
+}
+
+// affected turns "no row changed" into err.
+func affected(res sql.Result, err error) error {
+	n, rerr := res.RowsAffected()
+	if rerr != nil {
+		return rerr
+	}
+	if n == 0 {
+		return err
+	}
+	return nil
+}
+
+// blob keeps a nil slice from becoming a NULL in a NOT NULL column and
+// reads an empty blob back as an empty, non-nil slice.
+func blob(b []byte) []byte {
+	if b == nil {
+		return []byte{}
+	}
+	return b
+}

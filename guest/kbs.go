@@ -1,0 +1,140 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/cwrun/cwrun/attest"
+	"github.com/cwrun/cwrun/attest/sample"
+	"github.com/cwrun/cwrun/attest/snp"
+	"github.com/cwrun/cwrun/attest/tdx"
+	"github.com/cwrun/cwrun/guest/proto"
+	"github.com/cwrun/cwrun/sealed"
+)
+
+// BrokerKey is the attested KeySource: the guest proves what it runs
+// to the key broker (Trustee's RCAR handshake) and receives the disk
+// passphrase as a JWE sealed to a key it made for this boot. The bytes
+// travel through the launcher's relay port; the host relays them but
+// can neither read the passphrase nor forge the evidence that binds the
+// handshake's nonce and key.
+type BrokerKey struct {
+	// Port is the relay's virtio-serial device (/dev/vportNpM).
+	Port string
+	// Attester makes the evidence; nil: chosen by the sealed TEE.
+	Attester attest.Attester
+	// Timeout bounds the whole handshake; 0: one minute.
+	Timeout time.Duration
+	// open opens the relay stream; nil: open Port. Tests replace it.
+	open func() (net.Conn, error)
+}
+
+// brokerBase is the URL the guest speaks to; the relay forwards it to
+// the broker it was given, so the host part means nothing.
+const brokerBase = "http://kbs.relay"
+
+// Passphrase runs the handshake and returns the workload's passphrase.
+func (b BrokerKey) Passphrase(ctx context.Context, _ *proto.Config, sc sealed.Config) ([]byte, error) {
+	if sc.WorkloadID == "" {
+		return nil, errors.New("the sealed config names no workload_id: the broker cannot know which key to release; seal the image again with --kbs")
+	}
+	att := b.Attester
+	if att == nil {
+		var err error
+		if att, err = attesterFor(sc.TEE); err != nil {
+			return nil, err
+		}
+	}
+	timeout := b.Timeout
+	if timeout == 0 {
+		timeout = time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	open := b.open
+	if open == nil {
+		open = func() (net.Conn, error) { return openPortConn(b.Port) }
+	}
+	client := &attest.Client{BaseURL: brokerBase, HTTP: relayHTTPClient(open), Attester: att}
+	pass, err := client.Resource(ctx, "cwrun/"+sc.WorkloadID+"/passphrase")
+	if err != nil {
+		return nil, fmt.Errorf("attested key release for workload %q (%s evidence): %w", sc.WorkloadID, att.Tee(), err)
+	}
+	return pass, nil
+}
+
+// attesterFor picks the attester of the TEE the disk was sealed for.
+func attesterFor(t sealed.TEE) (attest.Attester, error) {
+	switch t {
+	case sealed.TEESample:
+		return sample.NewAttester(), nil
+	case sealed.TEESNP:
+		return snp.NewAttester(snp.AttesterOptions{})
+	case sealed.TEETDX:
+		return tdx.NewAttester(tdx.AttesterOptions{})
+	}
+	return nil, fmt.Errorf("no attester for TEE %q in this guest init (it attests with sample, snp and tdx evidence)", t)
+}
+
+// relayHTTPClient speaks HTTP/1.1 over the relay stream: one
+// connection at a time (a port opens once), kept alive between the
+// handshake's three requests.
+func relayHTTPClient(open func() (net.Conn, error)) *http.Client {
+	var mu sync.Mutex // a port opens only once: serialize dials
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			mu.Lock()
+			c, err := open()
+			if err != nil {
+				mu.Unlock()
+				return nil, err
+			}
+			return &onceClosed{Conn: c, unlock: mu.Unlock}, nil
+		},
+		MaxConnsPerHost:     1,
+		MaxIdleConnsPerHost: 1,
+		DisableCompression:  true,
+		ForceAttemptHTTP2:   false,
+	}
+	return &http.Client{Transport: tr}
+}
+
+// onceClosed releases the dial lock when its connection closes.
+type onceClosed struct {
+	net.Conn
+	once   sync.Once
+	unlock func()
+}
+
+func (c *onceClosed) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.unlock)
+	return err
+}
+
+// openPortConn opens a virtio-serial port as a net.Conn.
+func openPortConn(port string) (net.Conn, error) {
+	f, err := os.OpenFile(port, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening the broker relay port %s: %w", port, err)
+	}
+	return portConn{f}, nil
+}
+
+// portConn is a virtio-serial port as a net.Conn; *os.File supplies
+// Read, Write, Close and the deadlines.
+type portConn struct{ *os.File }
+
+func (c portConn) LocalAddr() net.Addr  { return portAddr(c.Name()) }
+func (c portConn) RemoteAddr() net.Addr { return portAddr("kbs-relay") }
+
+type portAddr string
+
+func (a portAddr) Network() string { return "virtio-serial" }
+func (a portAddr) String() string  { return string(a) }

@@ -1,0 +1,605 @@
+package tests
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cwrun/cwrun/attest"
+	"github.com/cwrun/cwrun/attest/kbs"
+	"github.com/cwrun/cwrun/attest/kbs/config"
+	"github.com/cwrun/cwrun/attest/kbs/store/pgtest"
+	"github.com/cwrun/cwrun/attest/sample"
+)
+
+// broker is a `cwrun kbs serve` child process.
+type broker struct {
+	dir  string // its config folder, made by `cwrun kbs init`
+	url  string // https://127.0.0.1:PORT
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	logs bytes.Buffer
+	done chan struct{} // closed when the process has exited
+	// killed is set before SIGKILL is sent: errors after it are expected.
+	killed atomic.Bool
+}
+
+// kbsInit runs `cwrun kbs init` into a new folder.
+func kbsInit(t *testing.T) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "kbs")
+	out := mustRun(t, cwrunBin, "kbs", "init", "--dir", dir)
+	for _, want := range []string{config.FileName, config.TokenKeyFile, config.SecretsKeyFile, config.AdminKeyFile,
+		config.AdminPubFile, config.TLSCertFile, config.TLSKeyFile, "cwrun kbs serve --config", "cwrun kbs workload add"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("kbs init output lacks %q:\n%s", want, out)
+		}
+	}
+	return dir
+}
+
+var listenRE = regexp.MustCompile(`listen=(https?://[^ ]+)`)
+
+// startBroker serves dir's config on a free port and waits until the
+// broker answers /healthz. The process is killed at the test's end.
+func startBroker(t *testing.T, dir string, args ...string) *broker {
+	t.Helper()
+	b := &broker{dir: dir, done: make(chan struct{})}
+	args = append([]string{"kbs", "serve", "--config", filepath.Join(dir, config.FileName), "--listen", "127.0.0.1:0"}, args...)
+	b.cmd = exec.Command(cwrunBin, args...)
+	stderr, err := b.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.kill(); b.wait() })
+	urlc := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			line := sc.Text()
+			b.mu.Lock()
+			b.logs.WriteString(line + "\n")
+			b.mu.Unlock()
+			if m := listenRE.FindStringSubmatch(line); m != nil {
+				select {
+				case urlc <- m[1]:
+				default:
+				}
+			}
+		}
+		io.Copy(io.Discard, stderr)
+	}()
+	go func() { b.cmd.Wait(); close(b.done) }()
+	select {
+	case b.url = <-urlc:
+	case <-b.done:
+		t.Fatalf("kbs serve exited before listening:\n%s", b.log())
+	case <-time.After(20 * time.Second):
+		t.Fatalf("kbs serve did not log its address in 20 s:\n%s", b.log())
+	}
+	b.url = strings.Replace(b.url, "127.0.0.1", "localhost", 1) // the certificate's name
+	hc := b.httpClient(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := hc.Get(b.url + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return b
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("broker at %s not healthy in 10 s (%v):\n%s", b.url, err, b.log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (b *broker) log() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.logs.String()
+}
+
+func (b *broker) kill() {
+	b.killed.Store(true)
+	b.cmd.Process.Signal(syscall.SIGKILL)
+}
+
+func (b *broker) wait() {
+	select {
+	case <-b.done:
+	case <-time.After(15 * time.Second):
+	}
+}
+
+func (b *broker) alive() bool {
+	select {
+	case <-b.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// httpClient trusts the broker's self-signed certificate.
+func (b *broker) httpClient(t *testing.T) *http.Client {
+	t.Helper()
+	pool, err := config.CertPool(filepath.Join(b.dir, config.TLSCertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool}, MaxIdleConnsPerHost: 64,
+	}}
+}
+
+// admin is the in-process admin client the CLI uses too.
+func (b *broker) admin(t *testing.T) *kbs.AdminClient {
+	t.Helper()
+	c, err := config.NewAdminClient(config.ClientOptions{URL: b.url, Dir: b.dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// cli runs an admin verb against b.
+func (b *broker) cli(t *testing.T, stdin string, args ...string) result {
+	t.Helper()
+	args = append(append([]string{}, args...), "--kbs", b.url,
+		"--admin-key", filepath.Join(b.dir, config.AdminKeyFile), "--cacert", filepath.Join(b.dir, config.TLSCertFile))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, cwrunBin, args...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+func (b *broker) mustCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	r := b.cli(t, "", args...)
+	if r.code != 0 {
+		t.Fatalf("cwrun %s: exit %d\n%s\nbroker log:\n%s", strings.Join(args, " "), r.code, r.stderr, b.log())
+	}
+	return r.stdout
+}
+
+// failCLI runs a verb that must fail and returns its stderr.
+func (b *broker) failCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	r := b.cli(t, "", args...)
+	if r.code == 0 {
+		t.Fatalf("cwrun %s succeeded, want a failure:\n%s", strings.Join(args, " "), r.stdout)
+	}
+	return r.stderr
+}
+
+func TestKbsInitRefusesOverwrite(t *testing.T) {
+	dir := kbsInit(t)
+	before, _ := os.ReadFile(filepath.Join(dir, config.SecretsKeyFile))
+	r := run(t, time.Minute, cwrunBin, "kbs", "init", "--dir", dir)
+	if r.code == 0 || !strings.Contains(r.stderr, "--force") {
+		t.Fatalf("second kbs init: exit %d, stderr %q: want a refusal pointing at --force", r.code, r.stderr)
+	}
+	after, _ := os.ReadFile(filepath.Join(dir, config.SecretsKeyFile))
+	if !bytes.Equal(before, after) {
+		t.Fatal("a refused init changed secrets.key")
+	}
+	// A key others can read is refused at serve, with the fix.
+	os.Chmod(filepath.Join(dir, config.TokenKeyFile), 0o644)
+	r = run(t, time.Minute, cwrunBin, "kbs", "serve", "--config", filepath.Join(dir, config.FileName))
+	if r.code == 0 || !strings.Contains(r.stderr, "chmod 600") {
+		t.Fatalf("serve with a 0644 token key: exit %d, stderr %q: want a refusal with a chmod hint", r.code, r.stderr)
+	}
+	// Plain HTTP needs saying so, and then warns.
+	os.Chmod(filepath.Join(dir, config.TokenKeyFile), 0o600)
+	b := startBroker(t, dir, "--insecure-http", "--tees", "sample")
+	if !strings.HasPrefix(b.url, "http://") || !strings.Contains(b.log(), "PLAIN HTTP") {
+		t.Errorf("--insecure-http: url %s, log:\n%s", b.url, b.log())
+	}
+}
+
+func TestKbsAdminVerbs(t *testing.T) {
+	dir := kbsInit(t)
+	b := startBroker(t, dir, "--tees", "sample,snp")
+	for _, want := range []string{"store=sqlite://" + dir, "tees=sample,snp"} {
+		if !strings.Contains(b.log(), want) {
+			t.Errorf("serve's log lacks %q:\n%s", want, b.log())
+		}
+	}
+	work := t.TempDir()
+	pass := writeKey(t, work, "s3cret-disk-passphrase")
+
+	out := b.mustCLI(t, "kbs", "workload", "add", "app1", "--tee", "snp", "--passphrase-file", pass,
+		"--ref", "measurement=aa11", "--ref", "measurement=bb22", "--ref", "policy_debug=false", "--cpus", "2", "--memory", "512")
+	if !strings.Contains(out, "app1") {
+		t.Errorf("workload add said %q", out)
+	}
+	r := b.cli(t, "other-passphrase\n", "kbs", "workload", "add", "app2", "--tee", "sample", "--passphrase-stdin")
+	if r.code != 0 {
+		t.Fatalf("workload add --passphrase-stdin: %s", r.stderr)
+	}
+	// Never an overwrite, and the broker's reason reaches the user.
+	if e := b.failCLI(t, "kbs", "workload", "add", "app1", "--tee", "snp", "--passphrase-file", pass); !strings.Contains(e, "app1") || !strings.Contains(strings.ToLower(e), "exist") {
+		t.Errorf("re-adding app1: %q, want the broker's 'exists' reason", e)
+	}
+	if e := b.failCLI(t, "kbs", "workload", "add", "app3", "--tee", "snp"); !strings.Contains(e, "--passphrase-file") {
+		t.Errorf("add without a passphrase: %q", e)
+	}
+
+	list := b.mustCLI(t, "kbs", "workload", "list")
+	if !regexp.MustCompile(`(?m)^app1\s+snp\s+measurement,policy_debug\s+no\s+2\s+512 MiB`).MatchString(list) ||
+		!regexp.MustCompile(`(?m)^app2\s+sample\s`).MatchString(list) {
+		t.Errorf("workload list:\n%s", list)
+	}
+	var infos []kbs.WorkloadInfo
+	if err := json.Unmarshal([]byte(b.mustCLI(t, "kbs", "workload", "list", "--format", "json")), &infos); err != nil {
+		t.Fatal(err)
+	}
+	if len(infos) != 2 || infos[0].ID != "app1" || len(infos[0].References["measurement"]) != 2 {
+		t.Errorf("workload list --format json: %+v", infos)
+	}
+	show := b.mustCLI(t, "kbs", "workload", "show", "app1")
+	if !strings.Contains(show, "measurement = aa11 | bb22") || strings.Contains(show, "s3cret") {
+		t.Errorf("workload show:\n%s", show)
+	}
+	if e := b.failCLI(t, "kbs", "workload", "show", "nope"); !strings.Contains(e, "nope") {
+		t.Errorf("show of a missing workload: %q", e)
+	}
+
+	// Resources round-trip, from a file and from stdin.
+	res := filepath.Join(work, "res")
+	os.WriteFile(res, []byte("resource bytes\x00\xff"), 0o600)
+	b.mustCLI(t, "kbs", "resource", "set", "default/key/one", res)
+	if got := b.mustCLI(t, "kbs", "resource", "get", "default/key/one"); got != "resource bytes\x00\xff" {
+		t.Errorf("resource get: %q", got)
+	}
+	if r := b.cli(t, "from stdin", "kbs", "resource", "set", "default/key/two", "-"); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	got := filepath.Join(work, "got")
+	b.mustCLI(t, "kbs", "resource", "get", "default/key/two", "-o", got)
+	if g, _ := os.ReadFile(got); string(g) != "from stdin" {
+		t.Errorf("resource get -o: %q", g)
+	}
+	if fi, _ := os.Stat(got); fi.Mode().Perm() != 0o600 {
+		t.Errorf("resource get -o made mode %04o, want 0600", fi.Mode().Perm())
+	}
+	if e := b.failCLI(t, "kbs", "resource", "get", "default/key/none"); !strings.Contains(e, "default/key/none") {
+		t.Errorf("get of a missing resource: %q", e)
+	}
+
+	// Policies round-trip; a broken one is refused with the reason.
+	pol := filepath.Join(work, "policy.rego")
+	rego := "package policy\n\ndefault allow := false\n\nallow if input.tee == \"sample\"\n"
+	os.WriteFile(pol, []byte(rego), 0o644)
+	b.mustCLI(t, "kbs", "policy", "set", pol)
+	if got := b.mustCLI(t, "kbs", "policy", "get"); got != rego {
+		t.Errorf("policy get: %q, want %q", got, rego)
+	}
+	os.WriteFile(pol, []byte("package policy\nallow if {"), 0o644)
+	if e := b.failCLI(t, "kbs", "policy", "set", pol); !strings.Contains(strings.ToLower(e), "rego") && !strings.Contains(e, "parse") {
+		t.Errorf("a broken policy: %q, want the parse error", e)
+	}
+
+	b.mustCLI(t, "kbs", "workload", "rm", "app2")
+	if e := b.failCLI(t, "kbs", "workload", "show", "app2"); !strings.Contains(e, "app2") {
+		t.Errorf("show after rm: %q", e)
+	}
+
+	// SIGTERM: a graceful stop, exit status 0, the store closed.
+	defer func() {
+		b.cmd.Process.Signal(syscall.SIGTERM)
+		b.wait()
+		if b.alive() || b.cmd.ProcessState.ExitCode() != 0 || !strings.Contains(b.log(), "shutting down") {
+			t.Errorf("SIGTERM: alive %v, exit %v, log:\n%s", b.alive(), b.cmd.ProcessState, b.log())
+		}
+	}()
+
+	// Another admin key is refused.
+	other := filepath.Join(t.TempDir(), "other")
+	mustRun(t, cwrunBin, "kbs", "init", "--dir", other)
+	r = run(t, time.Minute, cwrunBin, "kbs", "workload", "list", "--kbs", b.url,
+		"--admin-key", filepath.Join(other, config.AdminKeyFile), "--cacert", filepath.Join(dir, config.TLSCertFile))
+	if r.code == 0 || !strings.Contains(r.stderr, "401") {
+		t.Errorf("list with an unknown admin key: exit %d, %q", r.code, r.stderr)
+	}
+	// And a broker certificate nobody vouched for.
+	r = run(t, time.Minute, cwrunBin, "kbs", "workload", "list", "--kbs", b.url,
+		"--admin-key", filepath.Join(dir, config.AdminKeyFile), "--cacert", filepath.Join(other, config.TLSCertFile))
+	if r.code == 0 || !strings.Contains(r.stderr, "certificate") {
+		t.Errorf("list against an untrusted certificate: exit %d, %q", r.code, r.stderr)
+	}
+}
+
+func TestKbsSampleHandshake(t *testing.T) {
+	dir := kbsInit(t)
+	b := startBroker(t, dir, "--tees", "sample")
+	ctx := context.Background()
+	ad := b.admin(t)
+	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "ok", Tee: attest.TeeSample, Passphrase: "the-disk-key"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "picky", Tee: attest.TeeSample, Passphrase: "other",
+		References: map[string][]string{"svn": {"99"}}}); err != nil {
+		t.Fatal(err)
+	}
+	client := &attest.Client{BaseURL: b.url, HTTP: b.httpClient(t), Attester: sample.NewAttester()}
+	got, err := client.Resource(ctx, kbs.PassphrasePath("ok"))
+	if err != nil {
+		t.Fatalf("sample handshake: %v\nbroker log:\n%s", err, b.log())
+	}
+	if string(got) != "the-disk-key" {
+		t.Fatalf("released %q, want the registered passphrase", got)
+	}
+	// A reference value mismatch: denied, and the client hears which check.
+	_, err = client.Resource(ctx, kbs.PassphrasePath("picky"))
+	if err == nil {
+		t.Fatal("a guest whose svn is not the reference got the key")
+	}
+	if !strings.Contains(err.Error(), "svn") {
+		t.Errorf("denial %q does not name the failed check (svn)", err)
+	}
+	if strings.Contains(err.Error(), "other") {
+		t.Errorf("denial %q leaks the passphrase", err)
+	}
+	// A removed workload's key is gone.
+	if err := ad.DeleteWorkload(ctx, "ok"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.Resource(ctx, kbs.PassphrasePath("ok")); err == nil {
+		t.Fatal("a removed workload's key was released")
+	}
+}
+
+// TestKbsKill9Durability kills the broker with SIGKILL in the middle of a
+// burst of registrations and checks that every registration it
+// acknowledged is there after a restart on the same config.
+func TestKbsKill9Durability(t *testing.T) {
+	t.Run("sqlite", func(t *testing.T) { kill9Durability(t) })
+	t.Run("postgres", func(t *testing.T) {
+		// A real PostgreSQL server; skipped, with the reason, where none runs.
+		kill9Durability(t, "--store", pgtest.Start(t).NewDatabase(t))
+	})
+}
+
+func kill9Durability(t *testing.T, args ...string) {
+	dir := kbsInit(t)
+	b := startBroker(t, dir, args...)
+	acked := registrationBurst(t, b, 400, 60)
+	b2 := startBroker(t, dir, args...)
+	ws, err := b2.admin(t).Workloads(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, w := range ws {
+		have[w.ID] = true
+	}
+	var lost []string
+	for _, id := range acked {
+		if !have[id] {
+			lost = append(lost, id)
+		}
+	}
+	if len(lost) > 0 {
+		t.Fatalf("%d of %d acknowledged registrations lost after kill -9: %v", len(lost), len(acked), lost)
+	}
+	t.Logf("%d acknowledged before kill -9, %d stored after restart", len(acked), len(ws))
+}
+
+// registrationBurst registers up to n workloads from 16 goroutines and
+// kills the broker (SIGKILL) once killAfter are acknowledged. It returns
+// the acknowledged IDs.
+func registrationBurst(t *testing.T, b *broker, n, killAfter int) []string {
+	t.Helper()
+	ad := b.admin(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var (
+		mu    sync.Mutex
+		acked []string
+		wg    sync.WaitGroup
+		once  sync.Once
+		next  = make(chan int)
+	)
+	go func() {
+		defer close(next)
+		for i := 0; i < n; i++ {
+			select {
+			case next <- i:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				id := fmt.Sprintf("burst-%04d", i)
+				_, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: id, Tee: attest.TeeSNP, Passphrase: "p-" + strconv.Itoa(i),
+					References: map[string][]string{"measurement": {fmt.Sprintf("%096x", i)}}})
+				if err != nil {
+					if !b.killed.Load() {
+						t.Errorf("registering %s while the broker was up: %v", id, err)
+					}
+					continue
+				}
+				mu.Lock()
+				acked = append(acked, id)
+				if len(acked) >= killAfter {
+					once.Do(b.kill)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	once.Do(b.kill) // the burst ended before killAfter acks
+	b.wait()
+	if b.alive() {
+		t.Fatal("broker survived SIGKILL")
+	}
+	if len(acked) < killAfter {
+		t.Fatalf("only %d registrations acknowledged, want at least %d", len(acked), killAfter)
+	}
+	if len(acked) == n {
+		t.Logf("every registration was acknowledged before the kill: the burst was too short to test much")
+	}
+	return acked
+}
+
+// fuzzInputs reads the bodies of the broker's fuzz corpus (Go's
+// "go test fuzz v1" files); each []byte or string argument is one body.
+func fuzzInputs(t *testing.T) map[string][][]byte {
+	t.Helper()
+	files, _ := filepath.Glob("../attest/kbs/testdata/fuzz/*/*")
+	out := map[string][][]byte{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		target := filepath.Base(filepath.Dir(f))
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			line = strings.TrimSpace(line)
+			for _, pfx := range []string{"[]byte(", "string("} {
+				if lit, ok := strings.CutPrefix(line, pfx); ok {
+					s, err := strconv.Unquote(strings.TrimSuffix(lit, ")"))
+					if err != nil {
+						t.Fatalf("%s: %v", f, err)
+					}
+					out[target] = append(out[target], []byte(s))
+				}
+			}
+		}
+	}
+	// Seeds of our own, so that the test means something without a corpus.
+	out["seeds"] = [][]byte{
+		nil, []byte("{"), []byte("null"), []byte("[]"), []byte(`{"version":"0.4.0","tee":"sample","extra-params":{}}`),
+		[]byte(`{"version":"9","tee":"sample"}`), []byte(`{"version":"0.4.0","tee":"nope"}`),
+		[]byte(`{"runtime-data":{"nonce":"x","tee-pubkey":{"kty":"EC"}},"tee-evidence":{"primary_evidence":{"svn":"1"}}}`),
+		[]byte(`{"runtime-data":{"nonce":"","tee-pubkey":null},"tee-evidence":{"primary_evidence":"AAAA","additional_evidence":"{"}}`),
+		[]byte(`{"id":"","tee":"sample"}`), []byte(`{"id":"x/y","tee":"snp","passphrase":"p"}`),
+		[]byte(`{"id":"f","tee":"snp","passphrase":"p","cpus":-1}`), []byte(`{"policy":"!!!"}`),
+		[]byte(`{"policy":"cGFja2FnZSBwb2xpY3kKYWxsb3cgaWYgewo="}`),
+		bytes.Repeat([]byte("A"), 2<<20), []byte("\x00\xff\xfe"),
+	}
+	return out
+}
+
+// TestKbsFuzzCorpusNo5xx sends every corpus body at every endpoint that
+// reads a body, with and without a session or admin token, and checks
+// the broker answers 4xx (or 2xx), never 5xx, and stays up.
+func TestKbsFuzzCorpusNo5xx(t *testing.T) {
+	dir := kbsInit(t)
+	b := startBroker(t, dir, "--tees", "sample,snp,tdx", "--allow-register")
+	hc := b.httpClient(t)
+	key, err := config.ReadPrivateKey(filepath.Join(dir, config.AdminKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := kbs.MintAdminToken(key, 10*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A session cookie, so that /attest bodies reach the evidence parsers.
+	auth := func() []*http.Cookie {
+		resp, err := hc.Post(b.url+"/kbs/v0/auth", "application/json",
+			strings.NewReader(`{"version":"0.4.0","tee":"sample","extra-params":{}}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("/auth: %s", resp.Status)
+		}
+		return resp.Cookies()
+	}
+	type endpoint struct {
+		method, path string
+		admin        bool
+		cookie       bool
+	}
+	endpoints := []endpoint{
+		{"POST", "/kbs/v0/auth", false, false},
+		{"POST", "/kbs/v0/attest", false, true},
+		{"POST", "/kbs/v0/attest", false, false},
+		{"POST", "/kbs/v0/register_workload", false, false},
+		{"POST", "/kbs/v0/admin/workloads", true, false},
+		{"PUT", "/kbs/v0/admin/workloads/fz", true, false},
+		{"POST", "/kbs/v0/resource/fz/fz/fz", true, false},
+		{"POST", "/kbs/v0/resource-policy", true, false},
+		{"POST", "/kbs/v0/key/fz", false, false},
+		{"POST", "/kbs/v0/admin/workloads", false, false},
+	}
+	inputs := fuzzInputs(t)
+	sent := 0
+	for target, bodies := range inputs {
+		for i, body := range bodies {
+			for _, ep := range endpoints {
+				req, _ := http.NewRequest(ep.method, b.url+ep.path, bytes.NewReader(body))
+				req.Header.Set("Content-Type", "application/json")
+				if ep.admin {
+					req.Header.Set("Authorization", "Bearer "+tok)
+				}
+				if ep.cookie {
+					for _, c := range auth() {
+						req.AddCookie(c)
+					}
+				}
+				resp, err := hc.Do(req)
+				if err != nil {
+					t.Fatalf("%s %s with %s[%d]: %v\nbroker log:\n%s", ep.method, ep.path, target, i, err, b.log())
+				}
+				msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+				resp.Body.Close()
+				if resp.StatusCode >= 500 {
+					t.Errorf("%s %s with %s[%d] (%.80q): %s %s", ep.method, ep.path, target, i, body, resp.Status, msg)
+				}
+				sent++
+			}
+		}
+	}
+	if !b.alive() {
+		t.Fatalf("broker died:\n%s", b.log())
+	}
+	resp, err := hc.Get(b.url + "/healthz")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("broker unhealthy after the corpus: %v", err)
+	}
+	resp.Body.Close()
+	t.Logf("%d requests from %d corpus groups", sent, len(inputs))
+}
