@@ -18,8 +18,9 @@ help: ## list the targets
 deps: ## install Debian packages (as root) and Go modules
 	@hack/deps.sh
 
-build: ## build bin/cwrun and the guest init bin/cwrun-init (static) next to it
+build: ## build bin/cwrun, the key broker bin/cwrun-kbs and the guest init bin/cwrun-init (static) next to it
 	$(GO) build $(GOFLAGS_BUILD) -ldflags "$(LDFLAGS)" -o $(BIN)/cwrun ./cmd/cwrun
+	$(GO) build $(GOFLAGS_BUILD) -ldflags "$(LDFLAGS)" -o $(BIN)/cwrun-kbs ./cmd/cwrun-kbs
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/cwrun-init ./cmd/cwrun-init
 
 test: deps ## run every test (unit, real cryptsetup/podman end to end)

@@ -2,6 +2,7 @@ package guest
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -124,6 +125,13 @@ func TestResolveWorkload(t *testing.T) {
 		!reflect.DeepEqual(w.Env, []string{"FOO=baz", "PATH=/bin", "NEW=1"}) {
 		t.Fatalf("allowed overrides: %+v, %v", w, err)
 	}
+	if img.allowsOverrides() {
+		t.Error("an image config without the label allows overrides")
+	}
+	var labelled imageConfig
+	if err := json.Unmarshal([]byte(`{"config":{"Cmd":["x"],"Labels":{"`+sealed.LabelAllowOverrides+`":"true"}}}`), &labelled); err != nil || !labelled.allowsOverrides() {
+		t.Errorf("the sealed label does not allow overrides: %v", err)
+	}
 	var empty imageConfig
 	if _, err := resolveWorkload(empty, &proto.Config{}, false); err == nil {
 		t.Fatal("nothing to run was accepted")
@@ -134,6 +142,7 @@ func TestResolveWorkload(t *testing.T) {
 		Entrypoint []string
 		Cmd        []string
 		WorkingDir string
+		Labels     map[string]string
 	}{Cmd: []string{"x"}}}, &proto.Config{}, false)
 	if w.Dir != "/" || !reflect.DeepEqual(w.Env, []string{defaultPath}) {
 		t.Fatalf("defaults: %+v", w)

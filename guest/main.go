@@ -114,6 +114,14 @@ func (i *initProc) boot(ctx context.Context) error {
 	if err := i.readConfig(30 * time.Second); err != nil {
 		return step(proto.StageConfig, err)
 	}
+	// No passphrase but a broker relay: the key comes from attestation.
+	if _, dev := i.keys.(ConfigPassphrase); dev && i.cfg.KBS && i.cfg.Passphrase == "" {
+		p, err := findPorts([]string{proto.PortKBS}, 5*time.Second)
+		if err != nil {
+			return step(proto.StageConfig, err)
+		}
+		i.keys = BrokerKey{Port: p[proto.PortKBS]}
+	}
 	i.stage(proto.StageConfig)
 
 	u, err := unlock(ctx, "/dev/vda", i.cfg, i.keys)
@@ -134,8 +142,7 @@ func (i *initProc) boot(ctx context.Context) error {
 	if err != nil {
 		return step(proto.StageMount, err)
 	}
-	allow := u.Sealed.Cwrun != nil && u.Sealed.Cwrun.AllowOverrides
-	w, err := resolveWorkload(img, i.cfg, allow)
+	w, err := resolveWorkload(img, i.cfg, img.allowsOverrides())
 	if err != nil {
 		return step(proto.StageMount, err)
 	}
@@ -192,13 +199,28 @@ func (i *initProc) runWorkload(w workload, ports map[string]string) error {
 	if err != nil {
 		return step(proto.StageStart, err)
 	}
-	stdio, err := openStdio(i.cfg.Stdin, ports)
-	if err != nil {
+	var (
+		stdio   []*os.File
+		term    *pty
+		outDone chan struct{}
+	)
+	if i.cfg.TTY {
+		w.Env = withTerm(w.Env)
+		if term, outDone, err = i.startPTY(ports, cred); err != nil {
+			return step(proto.StageStart, err)
+		}
+		defer term.close()
+		stdio = []*os.File{term.slave, term.slave, term.slave}
+	} else if stdio, err = openStdio(i.cfg.Stdin, ports); err != nil {
 		return step(proto.StageStart, err)
 	}
-	p, err := startWorkload(w, cred, stdio)
-	for _, f := range stdio {
-		f.Close() // the child has its own copies
+	p, err := startWorkload(w, cred, stdio, term != nil)
+	if term != nil {
+		term.closeSlave() // the child has its own; EIO on the master when it is gone
+	} else {
+		for _, f := range stdio {
+			f.Close() // the child has its own copies
+		}
 	}
 	if err != nil {
 		return step(proto.StageStart, err)
@@ -207,7 +229,11 @@ func (i *initProc) runWorkload(w workload, ports map[string]string) error {
 	if err := i.conn.Send(proto.Message{Type: proto.TypeStarted, PID: p.Pid}); err != nil {
 		i.log.Printf("%v", err)
 	}
-	go forwardSignals(i.conn, p.Pid, i.log)
+	var resize func(proto.WinSize) error
+	if term != nil {
+		resize = term.resize
+	}
+	go forwardControl(i.conn, p.Pid, resize, i.log)
 
 	ws, err := reapUntil(p.Pid)
 	if err != nil {
@@ -215,6 +241,9 @@ func (i *initProc) runWorkload(w workload, ports map[string]string) error {
 	}
 	// Like a container: when its main process ends, so does the rest.
 	unix.Kill(-1, unix.SIGKILL) //nolint:errcheck // nothing left is fine
+	if term != nil && !waitOutput(outDone, 5*time.Second) {
+		i.log.Printf("the pty's output did not drain within 5 s; some of it may be lost")
+	}
 	msg := exitMessage(ws)
 	if msg.Code != nil {
 		i.log.Printf("workload exited with code %d", *msg.Code)
@@ -223,6 +252,61 @@ func (i *initProc) runWorkload(w workload, ports map[string]string) error {
 	}
 	unix.Sync()
 	return i.conn.Send(msg)
+}
+
+// startPTY makes the workload's pty and starts relaying it: its output
+// to the stdout port, and the stdin port (with -i) into it. outDone is
+// closed when the output has all been relayed.
+func (i *initProc) startPTY(ports map[string]string, cred *syscall.Credential) (term *pty, outDone chan struct{}, err error) {
+	term, err = openPTY("/dev/pts", i.cfg.TTYSize)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := term.chown(cred); err != nil {
+		term.close()
+		return nil, nil, err
+	}
+	out, err := os.OpenFile(ports[proto.PortStdout], os.O_WRONLY, 0)
+	if err != nil {
+		term.close()
+		return nil, nil, fmt.Errorf("opening the stdout port: %w", err)
+	}
+	var in *os.File
+	if i.cfg.Stdin {
+		if in, err = openPort(proto.PortStdin, 2*time.Second, os.O_RDONLY); err != nil {
+			out.Close()
+			term.close()
+			return nil, nil, err
+		}
+	}
+	outDone = make(chan struct{})
+	go func() {
+		defer out.Close()
+		term.relayOut(out, outDone)
+	}()
+	if in != nil {
+		go func() {
+			defer in.Close()
+			term.relayIn(in)
+		}()
+	}
+	return term, outDone, nil
+}
+
+// openPort opens the virtio-serial port of that name (waiting up to
+// timeout for it to appear) with the given os.OpenFile flags. A port
+// is one byte stream to the host, and only one open file at a time:
+// a second open fails with EBUSY until the first is closed.
+func openPort(name string, timeout time.Duration, flag int) (*os.File, error) {
+	ports, err := findPorts([]string{name}, timeout)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(ports[name], flag, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening the %s port %s: %w", name, ports[name], err)
+	}
+	return f, nil
 }
 
 func (i *initProc) credential(user string) (*syscall.Credential, error) {

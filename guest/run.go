@@ -11,19 +11,23 @@ import (
 )
 
 // startWorkload starts the workload in its own session (so that host
-// signals reach its whole process group) with the ports as its stdio.
+// signals reach its whole process group) with stdio as its stdin,
+// stdout and stderr. With tty, stdio[0] is a pty slave and becomes the
+// session's controlling terminal (setsid, then TIOCSCTTY), so that the
+// pty's line discipline signals the workload (Ctrl-C, window size).
 // os.StartProcess rather than exec.Cmd: PID 1 reaps with Wait4(-1),
 // which would race exec.Cmd.Wait.
-func startWorkload(w workload, cred *syscall.Credential, stdio []*os.File) (*os.Process, error) {
+func startWorkload(w workload, cred *syscall.Credential, stdio []*os.File, tty bool) (*os.Process, error) {
 	path, err := lookPath(w.Args[0], w.Env)
 	if err != nil {
 		return nil, err
 	}
+	// Ctty is a descriptor number in the child: its stdin.
 	p, err := os.StartProcess(path, w.Args, &os.ProcAttr{
 		Dir:   w.Dir,
 		Env:   w.Env,
 		Files: stdio,
-		Sys:   &syscall.SysProcAttr{Setsid: true, Credential: cred},
+		Sys:   &syscall.SysProcAttr{Setsid: true, Setctty: tty, Ctty: 0, Credential: cred},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting %q in %s: %w", w.Args, w.Dir, err)
@@ -57,13 +61,21 @@ func exitMessage(ws unix.WaitStatus) proto.Message {
 	return proto.Exit(ws.ExitStatus())
 }
 
-// forwardSignals delivers the host's "signal" messages to the
-// workload's process group until the control stream ends.
-func forwardSignals(conn *proto.Conn, pid int, log *console) {
+// forwardControl serves the host's messages while the workload runs:
+// "signal" goes to the workload's process group, "resize" to its pty
+// (resize nil: no pty, ignored). It returns when the control stream
+// ends.
+func forwardControl(conn *proto.Conn, pid int, resize func(proto.WinSize) error, log *console) {
 	for {
 		m, err := conn.Recv()
 		if err != nil {
 			return
+		}
+		if m.Type == proto.TypeResize && resize != nil {
+			if err := resize(proto.WinSize{Rows: m.Rows, Cols: m.Cols}); err != nil {
+				log.Printf("resizing the pty: %v", err)
+			}
+			continue
 		}
 		if m.Type != proto.TypeSignal || m.Signal <= 0 || m.Signal >= 65 {
 			continue

@@ -44,7 +44,7 @@ const mapperName = "cwrun-root"
 // unlocked is the opened disk.
 type unlocked struct {
 	Device string        // /dev/mapper/cwrun-root
-	Sealed sealed.Config // the footer's workload config (host-controlled: see AllowOverrides)
+	Sealed sealed.Config // the footer's workload config: host-controlled, so trusted for nothing
 	Info   luks.Info     // for the log
 }
 

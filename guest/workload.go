@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/cwrun/cwrun/guest/proto"
+	"github.com/cwrun/cwrun/sealed"
 )
 
 // imageConfig is the part of /.krun_config.json (an OCI image config,
@@ -20,7 +21,15 @@ type imageConfig struct {
 		Entrypoint []string
 		Cmd        []string
 		WorkingDir string
+		Labels     map[string]string
 	} `json:"config"`
+}
+
+// allowsOverrides reports whether the seal lets the host override what
+// runs. It is read from the config inside the encrypted disk, never
+// from the footer: the host can rewrite the footer, not the disk.
+func (c imageConfig) allowsOverrides() bool {
+	return c.Config.Labels[sealed.LabelAllowOverrides] == "true"
 }
 
 func readImageConfig(p string) (imageConfig, error) {
@@ -50,11 +59,8 @@ const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 var ErrOverridesRefused = errors.New("the host asked to override the sealed command, environment, working directory or user, but the sealed config does not allow overrides (seal with overrides allowed, or run without COMMAND and -e)")
 
 // resolveWorkload merges the sealed image config with the host's
-// overrides. allowOverrides comes from the disk footer, which the host
-// can rewrite as easily as it can send overrides: this check guards
-// against mistakes, not against a hostile host. The real protection
-// comes with attestation, when the footer's config is part of what is
-// measured and the key is released only to a matching guest.
+// overrides; allowOverrides is img.allowsOverrides(), kept a parameter
+// for the tests.
 func resolveWorkload(img imageConfig, host *proto.Config, allowOverrides bool) (workload, error) {
 	c := img.Config
 	w := workload{Env: c.Env, Dir: c.WorkingDir, User: c.User}
@@ -101,6 +107,18 @@ func mergeEnv(base, extra []string) []string {
 		out = append(out, defaultPath)
 	}
 	return out
+}
+
+// withTerm adds TERM=xterm for a pty when the sealed environment sets
+// no TERM, as docker and podman do: programs need it to drive the
+// terminal, and it changes nothing the seal protects.
+func withTerm(env []string) []string {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "TERM=") {
+			return env
+		}
+	}
+	return append(append([]string{}, env...), "TERM=xterm")
 }
 
 // lookPath finds argv0 in the workload's PATH (not the init's).

@@ -5,9 +5,11 @@
 # Floor: the same QEMU (TCG, -M pc, 512 MiB, 1 vCPU) and Debian cloud
 # kernel booting an initrd whose init powers off at once (start to exit).
 # cwrun: `cwrun run` of a sealed busybox image in local storage, from
-# exec to the workload's first output line. Median of BENCH_RUNS (5),
-# after one warm-up run of each. Target: at most 1.3x the floor; cwrun's
-# own peak RSS (VmHWM, QEMU not counted) at most 30 MiB.
+# exec to the workload's first output line. Median of 5 runs, after one
+# warm-up run of each. Target: at most 1.3x the floor; cwrun's own
+# memory (QEMU not counted) at most 30 MiB, reported twice: the peak
+# (VmHWM at exit) and while the workload runs (VmRSS, sampled from
+# outside), each split into anonymous memory and the binary's pages.
 #
 # The work is tests/run_bench_test.go (it builds cwrun, cwrun-init and
 # the floor's init itself); needs root (local storage's image mount).

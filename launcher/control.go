@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -22,10 +23,12 @@ const consoleLines = 10
 
 // runner is one VM's life, from the VMM's start to its exit.
 type runner struct {
-	o    Options
-	spec vm.Spec
-	cfg  *proto.Config
-	t    *timeline
+	o     Options
+	spec  vm.Spec
+	cfg   *proto.Config
+	t     *timeline
+	term  *hostTerm // with -t; nil otherwise
+	relay *relay    // with a key broker; nil otherwise
 }
 
 // outcome is how a run ended.
@@ -58,12 +61,29 @@ func (r *runner) run(ctx context.Context) (int, error) {
 			c.Close()
 		}
 	}()
+	sockets := map[string]string{}
 	for _, p := range r.spec.Ports {
 		c, err := net.Dial("unix", p.Socket)
 		if err != nil {
 			return 0, fmt.Errorf("connecting to the VM's %s port: %w", p.Name, err)
 		}
 		conns[p.Name] = c
+		sockets[p.Name] = p.Socket
+	}
+	if r.relay != nil {
+		stopRelay := r.relay.serve(conns[proto.PortKBS], func() (net.Conn, error) {
+			return net.Dial("unix", sockets[proto.PortKBS])
+		})
+		defer stopRelay()
+	}
+	if r.term != nil {
+		// Every way out of here, a panic included, gives the terminal
+		// back as it was.
+		defer func() {
+			if err := r.term.restore(); err != nil {
+				fmt.Fprintf(r.o.Warn, "cwrun: %v\n", err)
+			}
+		}()
 	}
 
 	var relays sync.WaitGroup
@@ -138,6 +158,9 @@ func (r *runner) run(ctx context.Context) (int, error) {
 			ready = true
 			readyTimer.Stop()
 			r.t.mark("host got ready")
+			if r.term != nil {
+				r.cfg.TTYSize = r.term.size() // it may have changed while QEMU started
+			}
 			if err := ctl.Send(proto.Message{Type: proto.TypeConfig, Config: r.cfg}); err != nil && !out.set {
 				out = outcome{err: fmt.Errorf("sending the config to the guest: %w", err), set: true}
 			}
@@ -147,6 +170,17 @@ func (r *runner) run(ctx context.Context) (int, error) {
 		case proto.TypeStarted:
 			started = true
 			r.t.mark("host got started")
+			// The setup's garbage (image metadata, the store's state,
+			// the initrd's inputs) would otherwise stay resident, in
+			// part, for the workload's whole life.
+			debug.FreeOSMemory()
+			// Raw only now: until the workload runs, Ctrl-C must stop
+			// the boot here rather than become a byte nobody reads.
+			if r.term != nil && r.o.Stdin != nil {
+				if err := r.term.makeRaw(); err != nil {
+					fmt.Fprintf(r.o.Warn, "cwrun: warning: %v\n", err)
+				}
+			}
 		case proto.TypeExit:
 			r.t.mark("host got the exit status")
 			if out.set {
@@ -193,6 +227,12 @@ loop:
 					r.o.ReadyTimeout, hint, r.consoleTail()), set: true}
 				stop()
 				break loop
+			}
+		case <-r.o.Resized:
+			if r.term != nil && ready {
+				if sz := r.term.size(); sz != nil {
+					ctl.Send(proto.Resize(*sz)) //nolint:errcheck // a lost resize is harmless
+				}
 			}
 		case sig := <-r.o.Signals:
 			n := 15

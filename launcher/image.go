@@ -26,12 +26,20 @@ type sealedDisk struct {
 	release func() error // unmounts the image, if it was mounted
 }
 
+// mountNotes records a run's image mount in its run folder, so that a
+// later run can release it if this one is killed (see rundir.go).
+type mountNotes interface {
+	record(dir string)
+	forget()
+}
+
 // findDisk locates disk.img and krun-sev.json of a sealed image without
 // copying when it can: a local-storage image is mounted read-only and
 // its disk.img used in place (QEMU writes to a throw-away overlay); an
 // image of any other transport has them extracted once into the cache,
-// keyed by the layer's digest.
-func findDisk(ctx context.Context, sess *images.Session, ref, cacheDir string, log *slog.Logger) (*sealedDisk, error) {
+// keyed by the layer's digest. notes, when not nil, records the image
+// mount as soon as it exists, and forgets it before it is released.
+func findDisk(ctx context.Context, sess *images.Session, ref, cacheDir string, log *slog.Logger, notes mountNotes) (*sealedDisk, error) {
 	img, err := sess.Open(ctx, ref)
 	if err != nil {
 		return nil, err
@@ -45,8 +53,14 @@ func findDisk(ctx context.Context, sess *images.Session, ref, cacheDir string, l
 
 	dir, unmount, err := sess.Mount(img)
 	if err == nil {
+		if notes != nil {
+			notes.record(dir)
+		}
 		d, err := diskIn(dir, name)
 		if err != nil {
+			if notes != nil {
+				notes.forget()
+			}
 			unmount() //nolint:errcheck // the error below matters more
 			if errors.Is(err, os.ErrNotExist) {
 				return nil, notSealed()

@@ -5,7 +5,9 @@
 //
 // It never holds a disk key beyond handing the development-mode
 // passphrase to the guest, and never writes to a sealed disk: the VMM
-// writes to a throw-away overlay.
+// writes to a throw-away overlay. With attested key release it relays
+// the guest's requests to the key broker, which it cannot read into:
+// they are protected end to end.
 package launcher
 
 import (
@@ -33,8 +35,13 @@ type Options struct {
 	// Image is the sealed image's reference, in any transport.
 	Image string
 	// Passphrase unlocks the sealed disk (development mode: the host
-	// knows the key). Required until attested key release exists.
+	// knows the key). Without it the key must come from a key broker
+	// (Broker, or the sealed config's attestation_url).
 	Passphrase []byte
+	// Broker is the key broker whose guest endpoints the launcher
+	// relays on the cwrun.kbs port. nil: the sealed config's
+	// attestation_url when there is no Passphrase, else no relay.
+	Broker *Broker
 
 	// CPUs and MemoryMiB shape the VM; 0 means the sealed config's
 	// (krun-sev.json), else 1 vCPU and 512 MiB.
@@ -57,7 +64,13 @@ type Options struct {
 	// os.Stdout and os.Stderr. Warn receives cwrun's own warnings and
 	// the timings; default os.Stderr.
 	Stdout, Stderr, Warn io.Writer
-	// TTY asks for a pty (not supported yet: refused).
+	// TTY gives the workload a pty in the guest as its stdin, stdout
+	// and stderr: its output, both streams in one, comes on Stdout.
+	// When Stdin is a terminal (an *os.File), it is in raw mode from
+	// the workload's start until Run returns, so that every key, Ctrl-C
+	// included, goes to the guest's pty. The pty takes the size of the
+	// first terminal among Stdout, Stderr and Stdin, and follows it on
+	// each signal (SIGWINCH) that arrives on Resized.
 	TTY bool
 	// Network is "user" (default: QEMU user-mode networking, guest
 	// 10.0.2.15) or "none" (no network device at all).
@@ -73,6 +86,9 @@ type Options struct {
 	// to the workload (or stops a VM that is still booting), and the VM
 	// is killed StopTimeout later or at the second signal.
 	Signals <-chan os.Signal
+	// Resized says that the terminal's size changed (SIGWINCH); with
+	// TTY the pty follows it. nil: the pty keeps its first size.
+	Resized <-chan os.Signal
 	// StopTimeout is the grace period after a signal; default 10 s.
 	StopTimeout time.Duration
 	// ReadyTimeout bounds the time from the VMM's start to the guest's
@@ -90,7 +106,9 @@ type Options struct {
 	CacheDir string
 	// RunDir is where the run folder (sockets, console log) is made;
 	// default $XDG_RUNTIME_DIR/cwrun, else /run/cwrun as root, else the
-	// temporary folder. The run folder is removed at the end.
+	// temporary folder. The run folder is removed at the end, and the
+	// folders of runs whose cwrun was killed are removed at the start
+	// (see Cleanup).
 	RunDir string
 	// VMM starts the machine; default QEMU.
 	VMM vm.VMM
@@ -131,17 +149,12 @@ func (e *GuestError) Error() string {
 // Run boots the sealed image and returns the workload's exit status
 // (128+N when a signal killed it). err is set when the workload could
 // not run; then exitCode is meaningless. Nothing is left behind: no
-// VMM process, run folder or mount.
+// VMM process, run folder or mount; and when cwrun is killed outright,
+// the next Run removes what it left.
 func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int, err error) {
 	o, err := opts.withDefaults()
 	if err != nil {
 		return 0, err
-	}
-	if o.TTY {
-		return 0, errors.New("-t: a pty for the workload is not supported yet; run without -t (use -i for stdin)")
-	}
-	if len(o.Passphrase) == 0 {
-		return 0, errors.New("no disk passphrase: pass --passphrase-file (development mode; attested key release is not there yet)")
 	}
 	t := newTimeline()
 
@@ -162,12 +175,27 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 		}
 	}
 
-	disk, err := findDisk(ctx, sess, o.Image, o.CacheDir, o.Log)
+	base := runBase(o.RunDir)
+	if _, cerr := Cleanup(ctx, sess, base, o.Log); cerr != nil {
+		fmt.Fprintf(o.Warn, "cwrun: warning: cleaning up after earlier runs: %v\n", cerr)
+	}
+	rf, err := makeRunDir(base, o.Name)
+	if err != nil {
+		return 0, err
+	}
+	defer func() {
+		if rerr := rf.remove(); rerr != nil && err == nil {
+			err = rerr
+		}
+	}()
+
+	disk, err := findDisk(ctx, sess, o.Image, o.CacheDir, o.Log, &folderNotes{rf, sess, o.Log})
 	if err != nil {
 		return 0, err
 	}
 	defer func() {
 		if disk.release != nil {
+			rf.forgetMount()
 			if uerr := disk.release(); uerr != nil && err == nil {
 				err = uerr
 			}
@@ -183,6 +211,34 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 			"and the host is the party the seal protects against; run it without them, or seal it with `cwrun build --allow-overrides`",
 			disk.Image, ErrOverridesRefused, what)
 	}
+	var rl *relay
+	if b := o.Broker; b != nil || (len(o.Passphrase) == 0 && disk.Config.AttestationURL != "") {
+		bk := Broker{URL: disk.Config.AttestationURL}
+		if b != nil {
+			bk = *b
+			if bk.URL == "" {
+				bk.URL = disk.Config.AttestationURL
+			}
+		}
+		if bk.URL == "" {
+			return 0, fmt.Errorf("%s was sealed without a key broker URL (attestation_url): pass --kbs URL", disk.Image)
+		}
+		if rl, err = newRelay(bk, o.Log); err != nil {
+			return 0, err
+		}
+	}
+	if len(o.Passphrase) == 0 && rl == nil {
+		return 0, fmt.Errorf("no key for the disk of %s: it names no key broker (sealed without --kbs); pass --kbs URL, or --passphrase-file in development mode (the host then knows the key)", disk.Image)
+	}
+	var term *hostTerm
+	if o.TTY {
+		term = newHostTerm(o.Stdin, o.Stdout, o.Stderr)
+		if o.Stdin != nil && term.in == nil {
+			// As podman says it; docker refuses.
+			fmt.Fprintf(o.Warn, "cwrun: warning: the input device is not a TTY: -t and -i might not work properly (pipe into -i alone)\n")
+		}
+	}
+
 	accel, warn, err := o.Accel.Resolve()
 	if err != nil {
 		return 0, err
@@ -221,16 +277,7 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 		return 0, err
 	}
 
-	runDir, err := makeRunDir(o.RunDir, o.Name)
-	if err != nil {
-		return 0, err
-	}
-	defer func() {
-		if rerr := os.RemoveAll(runDir); rerr != nil && err == nil {
-			err = fmt.Errorf("removing the run folder: %w", rerr)
-		}
-	}()
-
+	runDir := rf.dir
 	spec := vm.Spec{
 		Name: filepath.Base(runDir), Kernel: k.Vmlinuz, Initrd: initrdPath,
 		Cmdline: Cmdline,
@@ -243,6 +290,9 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 	if o.Stdin != nil {
 		portNames = append(portNames, proto.PortStdin)
 	}
+	if rl != nil {
+		portNames = append(portNames, proto.PortKBS)
+	}
 	for _, n := range portNames {
 		spec.Ports = append(spec.Ports, vm.Port{Name: n, Socket: filepath.Join(runDir, n)})
 	}
@@ -252,6 +302,10 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 	cfg := &proto.Config{
 		Passphrase: string(o.Passphrase), Args: o.Args, Env: o.Env,
 		Stdin: o.Stdin != nil, Network: network, Timings: o.Timings,
+		TTY: o.TTY, KBS: rl != nil,
+	}
+	if term != nil {
+		cfg.TTYSize = term.size()
 	}
 	for i, v := range o.Volumes {
 		tag := fmt.Sprintf("cwrun%d", i)
@@ -259,7 +313,7 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 		cfg.Shares = append(cfg.Shares, proto.Share{Tag: tag, Path: v.GuestPath, ReadOnly: v.ReadOnly, FSType: vm.FSVirtiofs})
 	}
 
-	r := &runner{o: o, spec: spec, cfg: cfg, t: t}
+	r := &runner{o: o, spec: spec, cfg: cfg, t: t, term: term, relay: rl}
 	code, err := r.run(ctx)
 	if o.Timings {
 		t.print(o.Warn)
@@ -351,34 +405,4 @@ func guestKernel(ctx context.Context, o Options) (kernel.Kernel, error) {
 		return kernel.Kernel{}, errors.New("--kernel-modules needs --kernel")
 	}
 	return kernel.Fetcher{}.Fetch(ctx)
-}
-
-// makeRunDir makes the run's private folder.
-func makeRunDir(base, name string) (string, error) {
-	if base == "" {
-		if x := os.Getenv("XDG_RUNTIME_DIR"); x != "" {
-			base = filepath.Join(x, "cwrun")
-		} else if os.Geteuid() == 0 {
-			base = "/run/cwrun"
-		} else {
-			base = filepath.Join(os.TempDir(), fmt.Sprintf("cwrun-%d", os.Geteuid()))
-		}
-	}
-	if err := os.MkdirAll(base, 0o700); err != nil {
-		return "", fmt.Errorf("run folder: %w", err)
-	}
-	if name == "" {
-		return os.MkdirTemp(base, "vm-")
-	}
-	if strings.ContainsAny(name, "/\x00") || name == "." || name == ".." {
-		return "", fmt.Errorf("--name %q: no slashes", name)
-	}
-	d := filepath.Join(base, name)
-	if err := os.Mkdir(d, 0o700); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return "", fmt.Errorf("--name %s: a VM of that name is running (its run folder %s exists)", name, d)
-		}
-		return "", fmt.Errorf("run folder: %w", err)
-	}
-	return d, nil
 }

@@ -2,23 +2,28 @@ package launcher
 
 import (
 	"bytes"
+	"context"
+	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cwrun/cwrun/guest/proto"
+	"github.com/cwrun/cwrun/images"
 	"github.com/cwrun/cwrun/launcher/vm"
 )
 
 func TestMakeRunDir(t *testing.T) {
 	base := filepath.Join(t.TempDir(), "cwrun")
 	d, err := makeRunDir(base, "web")
-	if err != nil || d != filepath.Join(base, "web") {
-		t.Fatalf("%q, %v", d, err)
+	if err != nil || d.dir != filepath.Join(base, "web") {
+		t.Fatalf("%+v, %v", d, err)
 	}
-	if st, err := os.Stat(d); err != nil || st.Mode().Perm() != 0o700 {
+	if st, err := os.Stat(d.dir); err != nil || st.Mode().Perm() != 0o700 {
 		t.Fatalf("run folder %v, %v: want mode 0700", st, err)
 	}
 	if _, err := makeRunDir(base, "web"); err == nil || !strings.Contains(err.Error(), "is running") {
@@ -31,8 +36,16 @@ func TestMakeRunDir(t *testing.T) {
 	}
 	a, err1 := makeRunDir(base, "")
 	b, err2 := makeRunDir(base, "")
-	if err1 != nil || err2 != nil || a == b {
-		t.Fatalf("random names %q %q: %v %v", a, b, err1, err2)
+	if err1 != nil || err2 != nil || a.dir == b.dir {
+		t.Fatalf("random names %+v %+v: %v %v", a, b, err1, err2)
+	}
+	for _, r := range []*runFolder{d, a, b} {
+		if err := r.remove(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(r.dir); !os.IsNotExist(err) {
+			t.Errorf("%s still exists after remove: %v", r.dir, err)
+		}
 	}
 }
 
@@ -107,5 +120,64 @@ func TestTimelinePrint(t *testing.T) {
 	}
 	if strings.Contains(out, "ignored") {
 		t.Errorf("a mark before the VMM was printed:\n%s", out)
+	}
+}
+
+func TestCleanup(t *testing.T) {
+	base := filepath.Join(t.TempDir(), "cwrun")
+	log := slog.New(slog.DiscardHandler)
+	live, err := makeRunDir(base, "live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.remove()
+	dead, err := makeRunDir(base, "dead")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead.lock.Close() // as if its cwrun was SIGKILLed: the kernel drops the lock
+	// Folders without a lock file: a run between its mkdir and its
+	// lock (young), or one of a cwrun from before the lock (old).
+	young, old, oldQEMU := filepath.Join(base, "young"), filepath.Join(base, "old"), filepath.Join(base, "oldq")
+	for _, d := range []string{young, old, oldQEMU} {
+		os.Mkdir(d, 0o700)
+	}
+	// An old folder whose QEMU still answers (an older cwrun's live run).
+	l, err := net.Listen("unix", filepath.Join(oldQEMU, "qmp.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	long := time.Now().Add(-2 * staleAfter)
+	os.Chtimes(old, long, long)
+	os.Chtimes(oldQEMU, long, long)
+
+	removed, err := Cleanup(context.Background(), images.NewSession(images.Options{}), base, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(removed)
+	if want := []string{dead.dir, old}; strings.Join(removed, " ") != strings.Join(want, " ") {
+		t.Errorf("removed %v, want %v", removed, want)
+	}
+	for _, d := range []string{live.dir, young, oldQEMU} {
+		if _, err := os.Stat(d); err != nil {
+			t.Errorf("%s was removed: %v", d, err)
+		}
+	}
+	if _, err := os.Stat(dead.dir); !os.IsNotExist(err) {
+		t.Errorf("the dead run's folder stays: %v", err)
+	}
+	// A damaged mount note is reported, and the folder still goes.
+	d2, _ := makeRunDir(base, "dead2")
+	os.WriteFile(filepath.Join(d2.dir, mountFile), []byte("{"), 0o600)
+	d2.lock.Close()
+	removed, err = Cleanup(context.Background(), images.NewSession(images.Options{}), base, log)
+	if err == nil || !strings.Contains(err.Error(), "damaged") || len(removed) != 1 {
+		t.Errorf("damaged note: removed %v, error %v", removed, err)
+	}
+	// The live run's lock is still its own.
+	if stale, _, err := staleFolder(live.dir); stale || err != nil {
+		t.Errorf("the live run's folder counts as stale: %v", err)
 	}
 }

@@ -88,9 +88,11 @@ type Config struct {
 type CwrunConfig struct {
 	Version string `json:"version,omitempty"` // the cwrun that sealed it
 	LUKS    int    `json:"luks,omitempty"`    // LUKS version of disk.img
-	// AllowOverrides lets the host replace the sealed command and add
-	// environment at run time. Off by default: the host is the party
-	// the seal protects against.
+	// AllowOverrides says the seal lets the host replace the sealed
+	// command and add environment at run time (off by default: the host
+	// is the party the seal protects against). This copy only lets the
+	// host refuse early; the guest obeys LabelAllowOverrides inside the
+	// encrypted disk.
 	AllowOverrides bool `json:"allow_overrides,omitempty"`
 }
 

@@ -31,12 +31,16 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	cwrunBin = filepath.Join(dir, "cwrun")
-	build := exec.Command("go", "build", "-tags", "containers_image_openpgp exclude_graphdriver_btrfs",
-		"-ldflags", "-X github.com/cwrun/cwrun/version.Version=e2e", "-o", cwrunBin, "../cmd/cwrun")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building cwrun:", err)
-		os.Exit(1)
+	// cwrun-kbs lives next to cwrun, where `cwrun kbs` and `cwrun build
+	// --kbs` look for it.
+	for _, prog := range []string{"cwrun", "cwrun-kbs"} {
+		build := exec.Command("go", "build", "-tags", "containers_image_openpgp exclude_graphdriver_btrfs",
+			"-ldflags", "-X github.com/cwrun/cwrun/version.Version=e2e", "-o", filepath.Join(dir, prog), "../cmd/"+prog)
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "building", prog+":", err)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)

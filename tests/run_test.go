@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,6 +28,7 @@ import (
 	"time"
 
 	"github.com/cwrun/cwrun/internal/testimage"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -85,6 +87,15 @@ type vmResult struct {
 // left nothing behind.
 func (e *vmEnv) run(t *testing.T, args ...string) vmResult {
 	t.Helper()
+	r := e.runOnly(t, args...)
+	e.noLeftovers(t, r)
+	return r
+}
+
+// runOnly is run without the check for leftovers (other runs of the
+// same environment are still going).
+func (e *vmEnv) runOnly(t *testing.T, args ...string) vmResult {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, cwrunBin, e.s.flags(args...)...)
@@ -142,8 +153,80 @@ func (e *vmEnv) run(t *testing.T, args ...string) vmResult {
 		}
 		r.code = ee.ExitCode()
 	}
-	e.noLeftovers(t, r)
 	return r
+}
+
+func (e *vmEnv) command(args ...string) *exec.Cmd {
+	cmd := exec.Command(cwrunBin, e.s.flags(args...)...)
+	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(os.TempDir(), "cwrun-e2e-cache"), "XDG_RUNTIME_DIR="+e.rtDir)
+	cmd.Env = append(cmd.Env, e.extra...)
+	return cmd
+}
+
+// bgRun is a cwrun run in the background, its output collected.
+type bgRun struct {
+	cmd         *exec.Cmd
+	out, stderr syncBuffer
+	done        chan struct{}
+	err         error
+}
+
+func (e *vmEnv) start(t *testing.T, args ...string) *bgRun {
+	t.Helper()
+	b := &bgRun{cmd: e.command(args...), done: make(chan struct{})}
+	b.cmd.Stdout, b.cmd.Stderr = &b.out, &b.stderr
+	if err := b.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { b.err = b.cmd.Wait(); close(b.done) }()
+	t.Cleanup(func() {
+		b.cmd.Process.Kill()
+		<-b.done
+	})
+	return b
+}
+
+// waitOutput waits for what in the run's stdout.
+func (b *bgRun) waitOutput(t *testing.T, what string) {
+	t.Helper()
+	deadline := time.After(2 * time.Minute)
+	for !strings.Contains(b.out.String(), what) {
+		select {
+		case <-b.done:
+			t.Fatalf("cwrun ended (%v) before printing %q\nstdout: %s\nstderr: %s", b.err, what, b.out.String(), b.stderr.String())
+		case <-deadline:
+			t.Fatalf("no %q within 2 minutes\nstdout: %s\nstderr: %s", what, b.out.String(), b.stderr.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func (b *bgRun) exitCode(t *testing.T) int {
+	t.Helper()
+	select {
+	case <-b.done:
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("cwrun did not end\nstderr: %s", b.stderr.String())
+	}
+	if ee, ok := b.err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	if b.err != nil {
+		t.Fatal(b.err)
+	}
+	return 0
+}
+
+// imageMounts are the store's image mounts in the mount table.
+func imageMounts(s store) []string {
+	mounts, _ := os.ReadFile("/proc/mounts")
+	var out []string
+	for _, l := range strings.Split(string(mounts), "\n") {
+		if strings.Contains(l, s.root) && strings.Contains(l, "/merged") {
+			out = append(out, strings.Fields(l)[1])
+		}
+	}
+	return out
 }
 
 func (e *vmEnv) noLeftovers(t *testing.T, r vmResult) {
@@ -156,11 +239,8 @@ func (e *vmEnv) noLeftovers(t *testing.T, r vmResult) {
 	if ents, err := os.ReadDir(filepath.Join(e.rtDir, "cwrun")); err == nil && len(ents) > 0 {
 		t.Errorf("run folder left behind: %v", ents[0].Name())
 	}
-	mounts, _ := os.ReadFile("/proc/mounts")
-	for _, l := range strings.Split(string(mounts), "\n") {
-		if strings.Contains(l, e.s.root) && strings.Contains(l, "/merged") {
-			t.Errorf("image mount left behind: %s", l)
-		}
+	for _, m := range imageMounts(e.s) {
+		t.Errorf("image mount left behind: %s", m)
 	}
 }
 
@@ -208,7 +288,7 @@ func busyboxLayer(t *testing.T) []byte {
 		{Name: "etc/group", Body: "root:x:0:\n"},
 		{Name: "www/index.html", Body: "hello from the sealed guest\n"},
 	}
-	for _, l := range []string{"sh", "echo", "cat", "pwd", "sleep", "httpd", "ls", "id", "mount"} {
+	for _, l := range []string{"sh", "echo", "cat", "pwd", "sleep", "httpd", "ls", "id", "mount", "tty", "stty"} {
 		es = append(es, E{Name: "bin/" + l, Type: tar.TypeSymlink, Link: "busybox"})
 	}
 	return testimage.Layer(t, es...)
@@ -311,12 +391,42 @@ func TestRun(t *testing.T) {
 		}
 	})
 
-	t.Run("tty-refused", func(t *testing.T) {
-		r := run(t, newVMEnv(t, si.s), "-t", "--passphrase-file", si.key, si.plain)
-		if r.code != 125 || !strings.Contains(r.stderr, "pty") || len(r.pids) != 0 {
+	t.Run("no-key", func(t *testing.T) {
+		// Sealed without a broker and run without a passphrase: refused
+		// before any VM, saying what to pass.
+		r := run(t, newVMEnv(t, si.s), si.plain)
+		if r.code != 125 || !strings.Contains(r.stderr, "names no key broker") || !strings.Contains(r.stderr, "--kbs") || len(r.pids) != 0 {
 			t.Fatalf("exit %d, children %v, stderr %s", r.code, r.pids, r.stderr)
 		}
 	})
+
+	t.Run("tty", func(t *testing.T) { testTTY(t, si) })
+
+	t.Run("tty-without-terminal", func(t *testing.T) {
+		// -it with a pipe as stdin: a warning, as podman gives, and the
+		// workload still gets a pty (CRLF output, stderr on stdout).
+		e := newVMEnv(t, si.s)
+		e.stdin = strings.NewReader("piped line\n")
+		r := run(t, e, "-i", "-t", "--network", "none", "--passphrase-file", si.key, si.open,
+			"/bin/sh", "-c", `tty; read l; echo "read: $l"; echo to-stderr >&2`)
+		if r.code != 0 {
+			t.Fatalf("exit %d\nstdout: %q\nstderr: %s", r.code, r.stdout, r.stderr)
+		}
+		if !strings.Contains(r.stderr, "input device is not a TTY") {
+			t.Errorf("no warning about the non-terminal stdin:\n%s", r.stderr)
+		}
+		// (the line scanner drops the pty's CRs)
+		for _, want := range []string{"/dev/pts/0\n", "read: piped line\n", "to-stderr\n"} {
+			if !strings.Contains(r.stdout, want) {
+				t.Errorf("stdout %q lacks %q", r.stdout, want)
+			}
+		}
+		if strings.Contains(r.stderr, "to-stderr") {
+			t.Errorf("with -t, the workload's stderr came on cwrun's stderr: %s", r.stderr)
+		}
+	})
+
+	t.Run("killed-leftovers", func(t *testing.T) { testKilledLeftovers(t, si) })
 
 	t.Run("overrides-allowed-stdin", func(t *testing.T) {
 		e := newVMEnv(t, si.s)
@@ -469,11 +579,13 @@ func TestRun(t *testing.T) {
 		// An init that never opens the control port, as a hung guest.
 		e := newVMEnv(t, si.s)
 		e.extra = []string{"CWRUN_INIT=" + tinyInit(t, hangInit)}
-		r := run(t, e, "--boot-timeout", "6s", "--passphrase-file", si.key, si.plain)
-		if r.code != 125 || !strings.Contains(r.stderr, "did not report ready within 6s") || !strings.Contains(r.stderr, "hanging on purpose") {
+		// 20 s: a boot reaches the init in about 3 s, but a loaded
+		// machine (CI next to other work) can triple that under TCG.
+		r := run(t, e, "--boot-timeout", "20s", "--passphrase-file", si.key, si.plain)
+		if r.code != 125 || !strings.Contains(r.stderr, "did not report ready within 20s") || !strings.Contains(r.stderr, "hanging on purpose") {
 			t.Fatalf("exit %d, stderr %s", r.code, r.stderr)
 		}
-		if r.elapsed > 30*time.Second {
+		if r.elapsed > 45*time.Second {
 			t.Errorf("took %s", r.elapsed)
 		}
 	})
@@ -671,4 +783,180 @@ func tinyInit(t testing.TB, src string) string {
 		t.Fatalf("building an init: %v\n%s", err, b)
 	}
 	return out
+}
+
+// testTTY drives `cwrun run -it` from a pty of the test's own, as a
+// person at a terminal would: the guest has a pty of the terminal's
+// size that follows a resize, typed input arrives, Ctrl-C is a byte
+// that the guest's pty turns into SIGINT, the exit status comes back,
+// and the terminal is raw while the workload runs and restored after.
+func testTTY(t *testing.T, si sealedImages) {
+	master, slave := openTestPTY(t, 37, 111)
+	e := newVMEnv(t, si.s)
+	cmd := e.command("run", "-i", "-t", "--network", "none", "--passphrase-file", si.key, si.open, "/bin/sh", "-c",
+		`tty; stty size; echo ready; read l; echo "got:$l"; trap 'stty size; echo winch' WINCH; trap 'echo INT; exit 9' INT; echo armed; while :; do sleep 0.1; done`)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+	// cwrun leads a session whose controlling terminal is the slave, so
+	// the kernel sends it SIGWINCH when the test resizes the terminal.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+	}()
+	var out syncBuffer
+	go io.Copy(&out, master) //nolint:errcheck // ends when the master closes
+	wait := func(what string) {
+		t.Helper()
+		deadline := time.After(2 * time.Minute)
+		for !strings.Contains(out.String(), what) {
+			select {
+			case err := <-done:
+				t.Fatalf("cwrun ended (%v) before %q:\n%s", err, what, out.String())
+			case <-deadline:
+				t.Fatalf("no %q within 2 minutes:\n%s", what, out.String())
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	wait("ready")
+	if tio, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS); err != nil || tio.Lflag&(unix.ECHO|unix.ICANON|unix.ISIG) != 0 {
+		t.Errorf("cwrun's terminal is not raw while the workload runs: lflag %#x, %v", tio.Lflag, err)
+	}
+	master.Write([]byte("typed\r"))
+	wait("got:typed")
+	wait("armed")
+	if err := unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 40, Col: 120}); err != nil {
+		t.Fatal(err)
+	}
+	wait("winch")
+	master.Write([]byte{3}) // Ctrl-C
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(time.Minute):
+		t.Fatalf("Ctrl-C did not end the workload:\n%s", out.String())
+	}
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the last output, through the test's pty
+	got := strings.ReplaceAll(out.String(), "\r", "")
+	if code != 9 || !strings.Contains(got, "INT\n") {
+		t.Errorf("exit %d, want 9 from the INT trap:\n%s", code, got)
+	}
+	if !regexp.MustCompile(`(?m)^/dev/pts/[0-9]+$`).MatchString(got) {
+		t.Errorf("tty in the guest did not name a pty:\n%s", got)
+	}
+	for _, want := range []string{"37 111\n", "40 120\nwinch\n"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("output lacks %q:\n%s", want, got)
+		}
+	}
+	if tio, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS); err != nil || tio.Lflag&(unix.ECHO|unix.ICANON|unix.ISIG) != unix.ECHO|unix.ICANON|unix.ISIG {
+		t.Errorf("cwrun did not restore its terminal: lflag %#x, %v", tio.Lflag, err)
+	}
+	e.noLeftovers(t, vmResult{})
+}
+
+// openTestPTY opens a pty of the given size: the master for the test,
+// the slave for cwrun.
+func openTestPTY(t *testing.T, rows, cols uint16) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pty: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
+	fd := int(m.Fd())
+	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(fd, unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if err := unix.IoctlSetWinsize(fd, unix.TIOCSWINSZ, &unix.Winsize{Row: rows, Col: cols}); err != nil {
+		t.Fatal(err)
+	}
+	return m, s
+}
+
+// testKilledLeftovers SIGKILLs a cwrun while another run of the same
+// local image goes on: QEMU dies with it, its run folder and its image
+// mount count stay, and the next run removes the folder and releases
+// that one count, leaving the live run's mount in place.
+func testKilledLeftovers(t *testing.T, si sealedImages) {
+	e := newVMEnv(t, si.s)
+	loop := `trap 'echo bye; exit 42' TERM; echo waiting; while true; do sleep 0.1; done`
+	live := e.start(t, "run", "--name", "live", "--network", "none", "--passphrase-file", si.key, si.open, "/bin/sh", "-c", loop)
+	killed := e.start(t, "run", "--name", "killed", "--network", "none", "--passphrase-file", si.key, si.open, "/bin/sh", "-c", loop)
+	live.waitOutput(t, "waiting")
+	killed.waitOutput(t, "waiting")
+	qemus := childrenOf(killed.cmd.Process.Pid)
+	if len(qemus) == 0 {
+		t.Fatal("the run to kill has no QEMU child")
+	}
+	mountsBefore := imageMounts(si.s)
+	if len(mountsBefore) != 1 {
+		t.Fatalf("image mounts of two runs of one image: %v, want one (counted twice)", mountsBefore)
+	}
+	killed.cmd.Process.Kill()
+	if code := killed.exitCode(t); code != 137 && code != -1 {
+		t.Fatalf("SIGKILLed cwrun: exit %d", code)
+	}
+	// QEMU dies with cwrun (parent-death signal); the folder stays.
+	deadline := time.Now().Add(10 * time.Second)
+	for _, pid := range qemus {
+		for {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+			if err != nil || strings.Contains(string(b), ") Z ") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("QEMU %d outlived its SIGKILLed cwrun", pid)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	killedDir := filepath.Join(e.rtDir, "cwrun", "killed")
+	if _, err := os.Stat(killedDir); err != nil {
+		t.Fatalf("the killed run's folder is already gone (%v): this test checks nothing", err)
+	}
+
+	// The next run cleans up after the dead one, not after the live one.
+	r := e.runOnly(t, "run", "--log-level", "debug", "--network", "none", "--passphrase-file", si.key, si.open, "/bin/sh", "-c", "echo next")
+	if r.code != 0 || r.stdout != "next\n" {
+		t.Fatalf("the next run: exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+	if !strings.Contains(r.stderr, "released the image mount of a dead run") {
+		t.Errorf("the next run did not release the dead run's mount:\n%s", r.stderr)
+	}
+	if _, err := os.Stat(killedDir); !os.IsNotExist(err) {
+		t.Errorf("the killed run's folder stays after the next run: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(e.rtDir, "cwrun", "live")); err != nil {
+		t.Errorf("the live run's folder was removed: %v", err)
+	}
+	if m := imageMounts(si.s); len(m) != 1 {
+		t.Errorf("the live run's image mount: %v, want it still there", m)
+	}
+	live.cmd.Process.Signal(syscall.SIGTERM)
+	if code := live.exitCode(t); code != 42 || !strings.Contains(live.out.String(), "bye") {
+		t.Errorf("the live run: exit %d, want 42\nstdout: %s\nstderr: %s", code, live.out.String(), live.stderr.String())
+	}
+	// With the live run gone, so is the mount: the dead run's count was
+	// released exactly once.
+	e.noLeftovers(t, vmResult{pids: qemus})
 }

@@ -1,13 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
+	"strconv"
+	"strings"
 
-	"github.com/cwrun/cwrun/attest/kbs"
-	"github.com/cwrun/cwrun/attest/kbs/config"
 	"github.com/cwrun/cwrun/sealed"
 	"github.com/spf13/pflag"
 )
@@ -21,8 +23,8 @@ type kbsRegisterOpts struct {
 
 func (o *kbsRegisterOpts) addFlags(f *pflag.FlagSet) {
 	f.StringVar(&o.url, "kbs", os.Getenv("CWRUN_KBS_URL"), "register the disk key with this key broker (https://HOST:PORT; env CWRUN_KBS_URL) instead of handing it to you")
-	f.StringVar(&o.adminKey, "kbs-admin-key", os.Getenv("CWRUN_KBS_ADMIN_KEY"), "the broker's admin key (env CWRUN_KBS_ADMIN_KEY; default: admin.key in "+config.DefaultDir()+")")
-	f.StringVar(&o.caCert, "kbs-cacert", os.Getenv("CWRUN_KBS_CACERT"), "CA certificate of the broker's TLS (env CWRUN_KBS_CACERT; default: tls.crt in "+config.DefaultDir()+" when present)")
+	f.StringVar(&o.adminKey, "kbs-admin-key", os.Getenv("CWRUN_KBS_ADMIN_KEY"), "the broker's admin key (env CWRUN_KBS_ADMIN_KEY; default: admin.key in the broker's config folder)")
+	f.StringVar(&o.caCert, "kbs-cacert", os.Getenv("CWRUN_KBS_CACERT"), "CA certificate of the broker's TLS (env CWRUN_KBS_CACERT; default: tls.crt in the broker's config folder when present)")
 	f.StringArrayVar(&o.refs, "ref", nil, "a reference value the guest's evidence must match, NAME=VALUE (repeatable; e.g. measurement=<hex> for snp, mr_td=<hex> for tdx)")
 }
 
@@ -31,33 +33,58 @@ func (o *kbsRegisterOpts) addFlags(f *pflag.FlagSet) {
 // the same CPU and ask for it.
 var mustHave = map[sealed.TEE]string{sealed.TEESNP: "measurement", sealed.TEETDX: "mr_td"}
 
-// registrar checks the flags and returns build's Register hook.
+// registrar checks the flags and returns build's Register hook. The
+// registration itself is `cwrun-kbs workload add`, the passphrase on
+// its stdin (never in argv).
 func (o *kbsRegisterOpts) registrar(tee sealed.TEE) (func(context.Context, sealed.Config, []byte) (func(context.Context) error, error), error) {
-	refs, err := parseRefs(o.refs)
-	if err != nil {
-		return nil, err
+	names := map[string]bool{}
+	for _, r := range o.refs {
+		name, value, ok := strings.Cut(r, "=")
+		if !ok || strings.TrimSpace(name) == "" || strings.TrimSpace(value) == "" {
+			return nil, fmt.Errorf("--ref %q: want NAME=VALUE, e.g. measurement=<96 hex digits>", r)
+		}
+		names[strings.TrimSpace(name)] = true
 	}
 	if tee == sealed.TEETPM {
 		return nil, errors.New("--tee tpm with --kbs: TPM attestation is not available in this cwrun yet; use --tee sample for development, or seal without --kbs")
 	}
-	if need, ok := mustHave[tee]; ok && len(refs[need]) == 0 {
+	if need, ok := mustHave[tee]; ok && !names[need] {
 		return nil, fmt.Errorf("--tee %s --kbs without --ref %s=<hex>: the broker would release the key to any genuine %s guest, including one the host boots itself; give the expected %s (repeat --ref for several)", tee, need, tee, need)
 	}
-	client, err := config.NewAdminClient(config.ClientOptions{URL: o.url, AdminKey: o.adminKey, CACert: o.caCert})
+	bin, err := findKbs()
 	if err != nil {
 		return nil, err
 	}
-	return func(ctx context.Context, c sealed.Config, pass []byte) (func(context.Context) error, error) {
-		spec := kbs.WorkloadSpec{
-			ID: c.WorkloadID, Tee: string(c.TEE), Passphrase: string(pass),
-			References: refs, CPUs: c.CPUs, MemoryMiB: c.RAMMiB,
-		}
-		if _, err := client.AddWorkload(ctx, spec); err != nil {
-			if errors.Is(err, kbs.ErrExists) {
-				return nil, fmt.Errorf("%w: the broker never overwrites a workload; pick another --workload-id or remove the old one with `cwrun kbs workload rm %s`", err, c.WorkloadID)
+	client := []string{"--kbs", o.url}
+	if o.adminKey != "" {
+		client = append(client, "--admin-key", o.adminKey)
+	}
+	if o.caCert != "" {
+		client = append(client, "--cacert", o.caCert)
+	}
+	kbs := func(ctx context.Context, stdin []byte, args ...string) error {
+		cmd := exec.CommandContext(ctx, bin, append(args, client...)...)
+		cmd.Stdin = bytes.NewReader(stdin)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Run(); err != nil {
+			msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(stderr.String()), "cwrun kbs:"))
+			if msg == "" {
+				msg = err.Error()
 			}
+			return errors.New(strings.TrimSpace(msg))
+		}
+		return nil
+	}
+	return func(ctx context.Context, c sealed.Config, pass []byte) (func(context.Context) error, error) {
+		args := []string{"workload", "add", c.WorkloadID, "--tee", string(c.TEE), "--passphrase-stdin",
+			"--cpus", strconv.Itoa(c.CPUs), "--memory", strconv.Itoa(c.RAMMiB)}
+		for _, r := range o.refs {
+			args = append(args, "--ref", r)
+		}
+		if err := kbs(ctx, pass, args...); err != nil {
 			return nil, err
 		}
-		return func(ctx context.Context) error { return client.DeleteWorkload(ctx, c.WorkloadID) }, nil
+		return func(ctx context.Context) error { return kbs(ctx, nil, "workload", "rm", c.WorkloadID) }, nil
 	}, nil
 }

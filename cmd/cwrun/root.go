@@ -52,6 +52,6 @@ func newRootCmd() *cobra.Command {
 	pf.StringVar(&g.policyFile, "signature-policy", "", "policy.json to use (default: podman's /etc/containers/policy.json)")
 	pf.BoolVar(&g.tlsVerify, "tls-verify", true, "require HTTPS and verify certificates when talking to registries")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
-	root.AddCommand(newBuildCmd(g), newInspectCmd(g), newRunCmd(g), newKbsCmd(g))
+	root.AddCommand(newBuildCmd(g), newInspectCmd(g), newRunCmd(g), newKbsCmd(), newCleanupCmd(g))
 	return root
 }

@@ -20,6 +20,7 @@ import (
 
 type runOpts struct {
 	passFile, accel    string
+	kbs, kbsCA         string
 	env, publish, vols []string
 	stdin, rm          bool
 	opts               launcher.Options
@@ -37,8 +38,15 @@ encrypted disk. COMMAND and -e replace or extend them only when the image
 was sealed with --allow-overrides: the host is the party the seal protects
 against.
 
-The key, for now, comes from --passphrase-file (development mode: the host
-knows the key); attested key release comes later.
+The disk key comes from the key broker after remote attestation: cwrun
+relays the guest's requests to the broker the image was sealed with (its
+attestation_url), or to --kbs. The relayed exchange is protected end to end,
+so the host learns nothing from it. --passphrase-file instead hands the key
+to the guest directly (development mode: the host then knows the key).
+
+-t gives the workload a terminal; with -i as well, cwrun's terminal is in
+raw mode while the workload runs, so Ctrl-C goes to the workload (SIGINT
+there); stop cwrun itself with SIGTERM or a second terminal.
 
 cwrun exits with the workload's exit status (128+N when signal N ended
 it), or 125 when cwrun itself failed. SIGINT or SIGTERM sends SIGTERM to the workload; the VM is killed
@@ -48,7 +56,9 @@ it), or 125 when cwrun itself failed. SIGINT or SIGTERM sends SIGTERM to the wor
 	}
 	f := cmd.Flags()
 	f.SetInterspersed(false) // flags after IMAGE belong to COMMAND
-	f.StringVar(&o.passFile, "passphrase-file", "", "read the disk passphrase from this file (development mode; required for now)")
+	f.StringVar(&o.passFile, "passphrase-file", "", "read the disk passphrase from this file (development mode: no key broker, the host knows the key)")
+	f.StringVar(&o.kbs, "kbs", "", "the key broker's URL (default: the one the image was sealed with)")
+	f.StringVar(&o.kbsCA, "kbs-cacert", "", "trust only the CA certificates in this PEM file for the key broker (default: the system's roots)")
 	f.IntVar(&o.opts.CPUs, "cpus", 0, "vCPUs (default: the sealed config's)")
 	f.IntVar(&o.opts.MemoryMiB, "memory", 0, "RAM in MiB (default: the sealed config's)")
 	f.StringVar(&o.accel, "accel", "auto", "how the VM runs guest code: auto (KVM when usable, else TCG), kvm or tcg")
@@ -56,7 +66,7 @@ it), or 125 when cwrun itself failed. SIGINT or SIGTERM sends SIGTERM to the wor
 	f.StringVar(&o.opts.KernelModules, "kernel-modules", "", "the --kernel's lib/modules/<version> folder")
 	f.StringArrayVarP(&o.env, "env", "e", nil, "KEY=VAL added to the workload's environment (needs --allow-overrides at seal time)")
 	f.BoolVarP(&o.stdin, "interactive", "i", false, "relay stdin to the workload")
-	f.BoolVarP(&o.opts.TTY, "tty", "t", false, "give the workload a pty (not supported yet)")
+	f.BoolVarP(&o.opts.TTY, "tty", "t", false, "give the workload a terminal (stdout and stderr become one stream)")
 	f.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]")
 	f.StringVar(&o.opts.Network, "network", "user", "user (QEMU user-mode networking) or none")
 	f.StringArrayVarP(&o.vols, "volume", "v", nil, "share a host folder: HOSTDIR:GUESTDIR[:ro] (virtiofs)")
@@ -83,13 +93,19 @@ func runRun(cmd *cobra.Command, g *globalOpts, o *runOpts, args []string) (err e
 	if opts.Accel, err = vm.ParseAccel(o.accel); err != nil {
 		return err
 	}
-	if o.passFile == "" {
-		return errors.New("--passphrase-file is required for now (development mode: attested key release comes later)")
+	if o.passFile != "" {
+		if opts.Passphrase, err = readPassphrase(o.passFile); err != nil {
+			return err
+		}
+		defer clear(opts.Passphrase)
 	}
-	if opts.Passphrase, err = readPassphrase(o.passFile); err != nil {
-		return err
+	if o.kbs != "" || o.kbsCA != "" {
+		client, err := launcher.BrokerClient(o.kbsCA)
+		if err != nil {
+			return err
+		}
+		opts.Broker = &launcher.Broker{URL: o.kbs, Client: client}
 	}
-	defer clear(opts.Passphrase)
 	for _, e := range o.env {
 		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {
 			return fmt.Errorf("-e %q: want KEY=VALUE", e)
@@ -123,6 +139,13 @@ func runRun(cmd *cobra.Command, g *globalOpts, o *runOpts, args []string) (err e
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(sigs)
 	opts.Signals = sigs
+	if opts.TTY {
+		// Apart: a burst of resizes must not crowd out a SIGTERM.
+		winch := make(chan os.Signal, 1)
+		signal.Notify(winch, syscall.SIGWINCH)
+		defer signal.Stop(winch)
+		opts.Resized = winch
+	}
 
 	sess := g.session()
 	defer sess.Close()

@@ -4,10 +4,20 @@
 // travel on their own ports so that binary output never mixes with
 // control messages.
 //
-// Host → guest: "config" (once, first), then any number of "signal".
+// Host → guest: "config" (once, first), then any number of "signal"
+// and, with a pty, "resize".
 // Guest → host: "ready" as soon as the control port is open, "stage"
 // after each boot step, then "started" and "exit", or "error" (after
 // which the guest powers off).
+//
+// With Config.TTY the workload's stdin, stdout and stderr are one pty
+// in the guest: its output travels on PortStdout alone, and what the
+// host relays on PortStdin is typed into it (so a Ctrl-C byte becomes
+// SIGINT there, by the pty's own line discipline).
+//
+// With Config.KBS the port PortKBS carries plain HTTP/1.1 requests from
+// the guest to the key broker, which the launcher relays: the guest
+// opens the port and speaks HTTP on it as on a TCP connection.
 //
 // It is a leaf imported by both sides: no I/O beyond the io interfaces.
 package proto
@@ -28,12 +38,14 @@ const (
 	PortStdout  = "cwrun.stdout"
 	PortStderr  = "cwrun.stderr"
 	PortStdin   = "cwrun.stdin" // only when Config.Stdin
+	PortKBS     = "cwrun.kbs"   // only when Config.KBS: HTTP to the key broker
 )
 
 // Message types.
 const (
 	TypeConfig  = "config"  // host → guest
 	TypeSignal  = "signal"  // host → guest
+	TypeResize  = "resize"  // host → guest: the pty's new window size
 	TypeReady   = "ready"   // guest → host
 	TypeStage   = "stage"   // guest → host
 	TypeStarted = "started" // guest → host
@@ -75,6 +87,12 @@ type Message struct {
 	// started
 	PID int `json:"pid,omitempty"`
 
+	// resize: the host terminal's new size, in character cells. Not
+	// "rows" inside Config's tty_size: fields of the embedded Config
+	// with the same JSON name would be hidden by these.
+	Rows int `json:"rows,omitempty"`
+	Cols int `json:"cols,omitempty"`
+
 	// exit: Code is set when the workload exited, Signal when killed.
 	Code *int `json:"code,omitempty"`
 
@@ -93,13 +111,26 @@ type Config struct {
 	Args       []string `json:"args,omitempty"` // replaces the image's Cmd (Entrypoint stays), as `docker run IMAGE ARGS` does
 	Env        []string `json:"env,omitempty"`  // "K=V", added to (and winning over) the sealed Env
 	Workdir    string   `json:"workdir,omitempty"`
-	User       string   `json:"user,omitempty"` // "uid[:gid]" or "name[:group]"
-	TTY        bool     `json:"tty,omitempty"`
-	Stdin      bool     `json:"stdin,omitempty"`   // the PortStdin port exists; else stdin is /dev/null
-	Network    bool     `json:"network,omitempty"` // configure eth0 for QEMU user networking
+	User       string   `json:"user,omitempty"`     // "uid[:gid]" or "name[:group]"
+	TTY        bool     `json:"tty,omitempty"`      // give the workload a pty (stdin, stdout and stderr), its output on PortStdout
+	TTYSize    *WinSize `json:"tty_size,omitempty"` // the pty's first size; nil: 24 rows, 80 columns
+	Stdin      bool     `json:"stdin,omitempty"`    // the PortStdin port exists; else stdin is /dev/null
+	Network    bool     `json:"network,omitempty"`  // configure eth0 for QEMU user networking
 	Shares     []Share  `json:"shares,omitempty"`
 	Timings    bool     `json:"timings,omitempty"` // also log each stage's time on the console
+	// KBS says that PortKBS exists and leads to the key broker, so that
+	// the guest can attest and fetch its key there (no network needed).
+	KBS bool `json:"kbs,omitempty"`
 }
+
+// WinSize is a terminal's size in character cells.
+type WinSize struct {
+	Rows int `json:"rows"`
+	Cols int `json:"cols"`
+}
+
+// Resize builds a "resize" message.
+func Resize(s WinSize) Message { return Message{Type: TypeResize, Rows: s.Rows, Cols: s.Cols} }
 
 // Share is a host folder the guest mounts.
 type Share struct {

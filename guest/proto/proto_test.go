@@ -14,7 +14,9 @@ func TestRoundTrip(t *testing.T) {
 	msgs := []Message{
 		{Type: TypeConfig, Config: &Config{Passphrase: "p", Args: []string{"sh", "-c", "x\ny"}, Env: []string{"A=1"}, Network: true,
 			Shares: []Share{{Tag: "v0", Path: "/data", ReadOnly: true}}, Timings: true}},
+		{Type: TypeConfig, Config: &Config{TTY: true, TTYSize: &WinSize{Rows: 50, Cols: 132}, Stdin: true, KBS: true}},
 		{Type: TypeSignal, Signal: 15},
+		Resize(WinSize{Rows: 40, Cols: 100}),
 		{Type: TypeStage, Stage: StageUnlock, MS: 1234},
 		Exit(0),
 		{Type: TypeExit, Signal: 9},
@@ -33,6 +35,11 @@ func TestRoundTrip(t *testing.T) {
 	}
 	if !strings.HasPrefix(buf.String(), `{"type":"config","passphrase":"p","args":["sh","-c","x\ny"]`) {
 		t.Fatalf("config is not flat on the wire: %s", buf.String())
+	}
+	for _, want := range []string{`"tty_size":{"rows":50,"cols":132}`, `{"type":"resize","rows":40,"cols":100}`, `"kbs":true`} {
+		if !strings.Contains(buf.String(), want) {
+			t.Fatalf("%s not on the wire: %s", want, buf.String())
+		}
 	}
 	for i, want := range msgs {
 		got, err := c.Recv()
@@ -77,6 +84,8 @@ func (rw) Write(p []byte) (int, error) { return len(p), nil }
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"type":"config","passphrase":"x","shares":[{"tag":"a","path":"/b"}]}`))
 	f.Add([]byte(`{"type":"signal","signal":2}`))
+	f.Add([]byte(`{"type":"resize","rows":24,"cols":80}`))
+	f.Add([]byte(`{"type":"config","tty":true,"tty_size":{"rows":1,"cols":2},"kbs":true}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := Decode(b)
 		if err == nil && m.Type == "" {

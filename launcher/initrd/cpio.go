@@ -37,6 +37,27 @@ func (c *cpioWriter) File(name string, perm uint32, data []byte) error {
 	return c.entry(name, modeFile|perm, 0, 0, data)
 }
 
+// FileFrom adds a regular file of size bytes read from r, so that a
+// large file need not be held in memory.
+func (c *cpioWriter) FileFrom(name string, perm uint32, size int64, r io.Reader) error {
+	if c.err != nil {
+		return c.err
+	}
+	c.inode++
+	c.header(name, c.inode, modeFile|perm, 0, 0, size)
+	if c.err != nil {
+		return c.err
+	}
+	n, err := io.CopyN(c.w, r, size)
+	c.n += n
+	if err != nil {
+		c.err = fmt.Errorf("copying %s into the cpio: %w (did it change while being read?)", name, err)
+		return c.err
+	}
+	c.pad()
+	return c.err
+}
+
 // Symlink adds a symbolic link to target.
 func (c *cpioWriter) Symlink(name, target string) error {
 	return c.entry(name, modeLink|0o777, 0, 0, []byte(target))
@@ -62,19 +83,27 @@ func (c *cpioWriter) write(name string, ino, mode, rmajor, rminor uint32, data [
 	if c.err != nil {
 		return c.err
 	}
+	c.header(name, ino, mode, rmajor, rminor, int64(len(data)))
+	c.put(data)
+	c.pad()
+	return c.err
+}
+
+func (c *cpioWriter) header(name string, ino, mode, rmajor, rminor uint32, size int64) {
+	if size > 0xffffffff {
+		c.err = fmt.Errorf("%s: %d bytes, more than a newc cpio entry holds", name, size)
+		return
+	}
 	nlink := uint32(1)
 	if mode&0o170000 == modeDir {
 		nlink = 2
 	}
 	hdr := fmt.Sprintf("070701%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x",
-		ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rmajor, rminor, len(name)+1, 0)
+		ino, mode, 0, 0, nlink, 0, size, 0, 0, rmajor, rminor, len(name)+1, 0)
 	c.put([]byte(hdr))
 	c.put([]byte(name))
 	c.put([]byte{0})
 	c.pad()
-	c.put(data)
-	c.pad()
-	return c.err
 }
 
 func (c *cpioWriter) put(b []byte) {

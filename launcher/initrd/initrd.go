@@ -8,6 +8,7 @@
 package initrd
 
 import (
+	"bytes"
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
@@ -70,6 +71,11 @@ type entry struct {
 	data  []byte
 	major uint32
 	minor uint32
+	// path and size, for a file: its bytes are streamed from path, not
+	// held (the init and modules are megabytes, and the launcher that
+	// builds this stays resident while its VM runs).
+	path string
+	size int64
 }
 
 // Build returns the path of the initrd for spec, building it into the
@@ -82,7 +88,10 @@ func Build(ctx context.Context, spec Spec) (string, error) {
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
-	sum := hashEntries(entries, spec.Gzip)
+	sum, err := hashEntries(entries, spec.Gzip)
+	if err != nil {
+		return "", err
+	}
 	dir, err := cacheDir(spec.CacheDir)
 	if err != nil {
 		return "", err
@@ -110,6 +119,11 @@ func Build(ctx context.Context, spec Spec) (string, error) {
 	if err := tmp.Close(); err != nil {
 		return "", fmt.Errorf("writing initrd %s: %w", tmp.Name(), err)
 	}
+	// The inputs were read twice (hash, then cpio): a file that changed
+	// in between would put other bytes under this name.
+	if again, err := hashEntries(entries, spec.Gzip); err != nil || again != sum {
+		return "", fmt.Errorf("the initrd's inputs (%s and its modules) changed while it was built: try again", spec.Init)
+	}
 	// Same inputs, same bytes: a concurrent builder's rename is harmless.
 	if err := os.Rename(tmp.Name(), final); err != nil {
 		return "", fmt.Errorf("initrd cache: %w", err)
@@ -120,7 +134,7 @@ func Build(ctx context.Context, spec Spec) (string, error) {
 // contents lists the initrd's entries, sorted by name (parents before
 // children, and independent of the order inputs were found in).
 func contents(spec Spec) ([]entry, error) {
-	init, err := os.ReadFile(spec.Init)
+	init, err := fileEntry("init", 0o755, spec.Init)
 	if err != nil {
 		return nil, fmt.Errorf("reading the guest init %s: %w (build it with CGO_ENABLED=0 go build ./cmd/cwrun-init)", spec.Init, err)
 	}
@@ -130,7 +144,7 @@ func contents(spec Spec) ([]entry, error) {
 		// devtmpfs exists; without this node init starts with none.
 		{name: "dev/console", kind: 'c', perm: 0o600, major: 5, minor: 1},
 		{name: "etc", kind: 'd', perm: 0o755},
-		{name: "init", kind: 'f', perm: 0o755, data: init},
+		init,
 		{name: "lib", kind: 'd', perm: 0o755},
 		{name: "lib/modules", kind: 'd', perm: 0o755},
 		{name: "proc", kind: 'd', perm: 0o755},
@@ -149,11 +163,11 @@ func contents(spec Spec) ([]entry, error) {
 			return nil, err
 		}
 		for _, m := range mods {
-			data, err := os.ReadFile(m.Path)
+			e, err := fileEntry("lib/modules/"+m.Name+".ko", 0o644, m.Path)
 			if err != nil {
 				return nil, fmt.Errorf("reading kernel module: %w", err)
 			}
-			es = append(es, entry{name: "lib/modules/" + m.Name + ".ko", kind: 'f', perm: 0o644, data: data})
+			es = append(es, e)
 			list.WriteString(m.Name + "\n")
 		}
 	}
@@ -162,23 +176,62 @@ func contents(spec Spec) ([]entry, error) {
 	return es, nil
 }
 
+// fileEntry is a file whose bytes stay on disk until written.
+func fileEntry(name string, perm uint32, path string) (entry, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return entry{}, err
+	}
+	if !st.Mode().IsRegular() {
+		return entry{}, fmt.Errorf("%s is not a regular file", path)
+	}
+	return entry{name: name, kind: 'f', perm: perm, path: path, size: st.Size()}, nil
+}
+
+// open returns a file entry's bytes.
+func (e entry) open() (io.ReadCloser, int64, error) {
+	if e.path == "" {
+		return io.NopCloser(bytes.NewReader(e.data)), int64(len(e.data)), nil
+	}
+	f, err := os.Open(e.path)
+	if err != nil {
+		return nil, 0, err
+	}
+	return f, e.size, nil
+}
+
 // hashEntries is the cache key: every byte and field that goes into the
 // cpio, length-prefixed so that no two inputs collide by concatenation.
-func hashEntries(es []entry, gz bool) string {
+func hashEntries(es []entry, gz bool) (string, error) {
 	h := sha256.New()
+	length := func(n int64) {
+		var b [8]byte
+		binary.LittleEndian.PutUint64(b[:], uint64(n))
+		h.Write(b[:])
+	}
 	field := func(b []byte) {
-		var n [8]byte
-		binary.LittleEndian.PutUint64(n[:], uint64(len(b)))
-		h.Write(n[:])
+		length(int64(len(b)))
 		h.Write(b)
 	}
 	field([]byte(formatVersion))
 	field([]byte(fmt.Sprint(gz)))
 	for _, e := range es {
 		field([]byte(fmt.Sprintf("%s %c %o %d:%d", e.name, e.kind, e.perm, e.major, e.minor)))
-		field(e.data)
+		r, size, err := e.open()
+		if err != nil {
+			return "", fmt.Errorf("initrd input %s: %w", e.name, err)
+		}
+		length(size)
+		n, err := io.Copy(h, r)
+		r.Close()
+		if err == nil && n != size {
+			err = fmt.Errorf("%d bytes, not the %d it had (did it change while being read?)", n, size)
+		}
+		if err != nil {
+			return "", fmt.Errorf("initrd input %s: %w", e.path, err)
+		}
 	}
-	return hex.EncodeToString(h.Sum(nil))
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 func write(w io.Writer, es []entry, gz bool) error {
@@ -194,7 +247,12 @@ func write(w io.Writer, es []entry, gz bool) error {
 		case 'd':
 			err = c.Dir(e.name, e.perm)
 		case 'f':
-			err = c.File(e.name, e.perm, e.data)
+			var r io.ReadCloser
+			var size int64
+			if r, size, err = e.open(); err == nil {
+				err = c.FileFrom(e.name, e.perm, size, r)
+				r.Close()
+			}
 		case 'c':
 			err = c.CharDev(e.name, e.perm, e.major, e.minor)
 		}
