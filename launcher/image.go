@@ -95,6 +95,26 @@ func findDisk(ctx context.Context, sess *images.Session, ref, cacheDir string, l
 	return nil, notSealed()
 }
 
+// CheckSealedDir tells whether dir (an OCI bundle's root file system)
+// holds a valid sealed layout; the error wraps build.ErrNotSealed when
+// the layout is missing.
+func CheckSealedDir(dir, name string) error {
+	_, err := sealedDirDisk(dir, name)
+	return err
+}
+
+func sealedDirDisk(dir, name string) (*sealedDisk, error) {
+	if name == "" {
+		name = dir
+	}
+	d, err := diskIn(dir, name)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w: its root file system has no /%s and /%s, so it is an ordinary image; seal it first with `cwrun build IMAGE SEALED` and run SEALED",
+			name, build.ErrNotSealed, sealed.ConfigPath, sealed.DiskPath)
+	}
+	return d, err
+}
+
 func layerCache(cacheDir, digest string) string { return filepath.Join(cacheDir, "disks", digest) }
 
 // diskIn reads the sealed layout from a folder (a mounted image or a

@@ -34,6 +34,11 @@ import (
 type Options struct {
 	// Image is the sealed image's reference, in any transport.
 	Image string
+	// SealedDir, when set, is a folder that holds the sealed layout
+	// (/disk.img, /krun-sev.json), such as an OCI bundle's root file
+	// system that podman mounted: it is booted in place, and Image only
+	// names it in messages.
+	SealedDir string
 	// Passphrase unlocks the sealed disk (development mode: the host
 	// knows the key). Without it the key must come from a key broker
 	// (Broker, or the sealed config's attestation_url).
@@ -189,7 +194,12 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 		}
 	}()
 
-	disk, err := findDisk(ctx, sess, o.Image, o.CacheDir, o.Log, &folderNotes{rf, sess, o.Log})
+	var disk *sealedDisk
+	if o.SealedDir != "" {
+		disk, err = sealedDirDisk(o.SealedDir, o.Image)
+	} else {
+		disk, err = findDisk(ctx, sess, o.Image, o.CacheDir, o.Log, &folderNotes{rf, sess, o.Log})
+	}
 	if err != nil {
 		return 0, err
 	}
@@ -222,6 +232,9 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 		}
 		if bk.URL == "" {
 			return 0, fmt.Errorf("%s was sealed without a key broker URL (attestation_url): pass --kbs URL", disk.Image)
+		}
+		if err := teeHost(disk.Config.TEE, "/sys"); err != nil {
+			return 0, fmt.Errorf("%s: %w", disk.Image, err)
 		}
 		if rl, err = newRelay(bk, o.Log); err != nil {
 			return 0, err

@@ -111,6 +111,10 @@ const helloConfig = `{"architecture":"amd64","os":"linux","config":{"Env":["PATH
 	`"Cmd":["/bin/sh","-c","echo hello; echo FOO=$FOO; echo PWD=$(pwd); echo ID=$(id -u):$(id -g):$(id -G); echo err >&2; exit 7"],` +
 	`"WorkingDir":"/work","User":"worker"}}`
 
+// openConfig is helloConfig sealed with overrides allowed: the label
+// inside the encrypted disk is what the guest obeys.
+var openConfig = strings.Replace(helloConfig, `"User":"worker"`, `"User":"worker","Labels":{"`+sealed.LabelAllowOverrides+`":"true"}`, 1)
+
 // sealDisk makes disk.img the way cwrun and buildah do: a LUKS header
 // by cryptsetup itself, the ext4 payload encrypted with the volume key
 // cryptsetup reports (aes-xts-plain64, IV = 512-byte sector number),
@@ -418,13 +422,13 @@ func TestBootWrongPassphrase(t *testing.T) {
 func TestBootOverridesAndNetwork(t *testing.T) {
 	need(t, "qemu-system-x86_64", "cryptsetup", "mkfs.ext4")
 	vm := prepareVM(t, true)
-	root := busyboxRoot(t, helloConfig)
+	root := busyboxRoot(t, openConfig)
 	os.Symlink("busybox", filepath.Join(root, "bin", "ip"))
 	allow := sealed.Config{TEE: sealed.TEESample, Cwrun: &sealed.CwrunConfig{AllowOverrides: true}}
 	cfg := proto.Config{Passphrase: "p", Network: true, Env: []string{"FOO=over"}, User: "0",
 		Args: []string{"/bin/sh", "-c", "echo FOO=$FOO; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; ip route | grep default; cat /etc/resolv.conf; kill -TERM $$"}}
 	disk := sealDisk(t, root, 2, 4096, "p", allow)
-	padDisk(t, disk) // the guest reads AllowOverrides from the footer
+	padDisk(t, disk) // the footer is read even on a padded disk
 	r := boot(t, vm, disk, cfg, true, 90*time.Second)
 	last := r.last()
 	if last.Type != proto.TypeExit || last.Signal != 15 {
@@ -435,8 +439,12 @@ func TestBootOverridesAndNetwork(t *testing.T) {
 			t.Errorf("stdout %q lacks %q", r.stdout, want)
 		}
 	}
-	// The same overrides on a disk that does not allow them: refused.
-	disk = sealDisk(t, root, 2, 4096, "p", sealed.Config{TEE: sealed.TEESample})
+	// The same overrides on a disk sealed without the label, whose
+	// host-writable footer was flipped to allow them: refused, because
+	// only the encrypted config decides.
+	closed := busyboxRoot(t, helloConfig)
+	os.Symlink("busybox", filepath.Join(closed, "bin", "ip"))
+	disk = sealDisk(t, closed, 2, 4096, "p", allow)
 	padDisk(t, disk)
 	r = boot(t, vm, disk, cfg, true, 90*time.Second)
 	if last := r.last(); last.Type != proto.TypeError || !strings.Contains(last.Message, "does not allow overrides") {
