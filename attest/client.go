@@ -9,8 +9,11 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"unicode"
+
+	"github.com/cwrun/cwrun/attest/internal/jsonx"
 )
 
 // SessionCookie is the cookie a KBS ties a handshake to.
@@ -117,10 +120,7 @@ func (c *Client) Resource(ctx context.Context, path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("getting %s evidence: %w", c.Attester.Tee(), err)
 	}
-	att, err := json.Marshal(Attestation{
-		RuntimeData: RuntimeData{Nonce: ch.Nonce, TeePubKey: key.JWK},
-		TeeEvidence: TeeEvidence{Primary: evidence, Additional: ""},
-	})
+	att, err := appendAttestation(nil, ch.Nonce, key.JWK, evidence)
 	if err != nil {
 		return nil, fmt.Errorf("encoding the attestation (is the %s evidence JSON?): %w", c.Attester.Tee(), err)
 	}
@@ -128,8 +128,8 @@ func (c *Client) Resource(ctx context.Context, path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	var ar AttestResponse
-	if err := decodeMessage("attest response", body, MaxAttestResponse, &ar); err != nil {
+	ar, err := parseAttestResponse(body)
+	if err != nil {
 		return nil, fmt.Errorf("kbs attest at %s: %w", c.BaseURL, err)
 	}
 	if ar.Token == "" {
@@ -146,6 +146,59 @@ func (c *Client) Resource(ctx context.Context, path string) ([]byte, error) {
 		return nil, fmt.Errorf("resource %s: %w", path, err)
 	}
 	return plain, nil
+}
+
+// parseAttestResponse reads the answer to /attest: an object whose
+// "token" (exact name) is a string; other members are ignored. The
+// token is kilobytes of base64, which this reads without reflection.
+func parseAttestResponse(b []byte) (AttestResponse, error) {
+	var ar AttestResponse
+	if len(b) > MaxAttestResponse {
+		return ar, fmt.Errorf("attest response: %d bytes, more than %d", len(b), MaxAttestResponse)
+	}
+	r := jsonx.NewReader(b)
+	err := r.Object(func(name string) error {
+		if name != "token" {
+			return r.Skip()
+		}
+		if r.Null() {
+			ar.Token = ""
+			return nil
+		}
+		tok, err := r.String()
+		ar.Token = tok
+		return err
+	})
+	if err == nil {
+		err = r.End()
+	}
+	if err != nil {
+		return ar, fmt.Errorf("attest response: %w", err)
+	}
+	return ar, nil
+}
+
+// appendAttestation writes the body of POST /attest, as
+// json.Marshal(Attestation{...}) would but without re-encoding the
+// evidence (tens of KiB for SNP): it is checked to be one JSON value
+// and copied as it is.
+func appendAttestation(dst []byte, nonce string, teePubKey, evidence json.RawMessage) ([]byte, error) {
+	for _, v := range []struct {
+		what string
+		raw  json.RawMessage
+	}{{"tee-pubkey", teePubKey}, {"evidence", evidence}} {
+		if !jsonx.Valid(v.raw) {
+			return nil, fmt.Errorf("%s is not one JSON value", v.what)
+		}
+	}
+	dst = slices.Grow(dst, 96+len(nonce)+len(teePubKey)+len(evidence))
+	dst = append(dst, `{"runtime-data":{"nonce":`...)
+	dst = jsonx.AppendString(dst, nonce)
+	dst = append(dst, `,"tee-pubkey":`...)
+	dst = append(dst, bytes.TrimSpace(teePubKey)...)
+	dst = append(dst, `},"tee-evidence":{"primary_evidence":`...)
+	dst = append(dst, bytes.TrimSpace(evidence)...)
+	return append(dst, `,"additional_evidence":""}}`...), nil
 }
 
 func (c *Client) endpoint(p string) string {

@@ -2,18 +2,24 @@ package attest
 
 import (
 	"crypto"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/ecdh"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 
-	"github.com/go-jose/go-jose/v4"
+	"github.com/cwrun/cwrun/attest/internal/jsonx"
 )
 
 // JWE algorithms spoken (Trustee's, less the deprecated RSA1_5).
@@ -41,6 +47,12 @@ type TeeKey struct {
 	// *rsa.PrivateKey (RSA-OAEP-256).
 	Private crypto.PrivateKey
 	JWK     json.RawMessage // public part, as sent in RuntimeData.TeePubKey
+
+	// ecdh is Private as a crypto/ecdh key, made once: converting costs
+	// a scalar multiplication. It is used only while Private is still
+	// ecdhOf.
+	ecdh   *ecdh.PrivateKey
+	ecdhOf *ecdsa.PrivateKey
 }
 
 // ecJWK is a TEE public key in exactly the members Trustee's TeePubKey
@@ -62,11 +74,32 @@ type rsaJWK struct {
 
 // NewTeeKey makes an EC P-256 ECDH-ES+A256KW key (the guest default).
 func NewTeeKey() (*TeeKey, error) {
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	// Generated with crypto/ecdh and given its ecdsa form by hand, so
+	// that the public point is computed once, not once per conversion.
+	ek, err := ecdh.P256().GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generating the TEE key (P-256): %w", err)
 	}
-	return TeeKeyFrom(priv)
+	pt := ek.PublicKey().Bytes() // 0x04 || X || Y
+	priv := &ecdsa.PrivateKey{
+		PublicKey: ecdsa.PublicKey{Curve: elliptic.P256(), X: new(big.Int).SetBytes(pt[1:33]), Y: new(big.Int).SetBytes(pt[33:])},
+		D:         new(big.Int).SetBytes(ek.Bytes()),
+	}
+	return &TeeKey{Private: priv, JWK: ecJWKOf("P-256", 32, pt), ecdh: ek, ecdhOf: priv}, nil
+}
+
+// ecJWKOf renders the public JWK of an uncompressed point; base64url
+// needs no JSON escaping, so it is written directly.
+func ecJWKOf(crv string, size int, pt []byte) json.RawMessage {
+	b64 := base64.RawURLEncoding
+	out := make([]byte, 0, 64+2*b64.EncodedLen(size))
+	out = append(out, `{"kty":"EC","crv":"`...)
+	out = append(out, crv...)
+	out = append(out, `","alg":"`+AlgECDH+`","x":"`...)
+	out = b64.AppendEncode(out, pt[1:1+size])
+	out = append(out, `","y":"`...)
+	out = b64.AppendEncode(out, pt[1+size:])
+	return append(out, `"}`...)
 }
 
 // TeeKeyFrom wraps an existing *ecdsa.PrivateKey (P-256, P-384, P-521)
@@ -74,40 +107,32 @@ func NewTeeKey() (*TeeKey, error) {
 // guests with a sealed long-term key use it; a handshake normally uses
 // NewTeeKey.
 func TeeKeyFrom(priv crypto.PrivateKey) (*TeeKey, error) {
-	var jwk any
 	switch k := priv.(type) {
 	case *ecdsa.PrivateKey:
-		pub, err := k.PublicKey.ECDH()
+		ek, err := k.ECDH()
 		if err != nil {
 			return nil, fmt.Errorf("TEE key: %w", err)
 		}
-		crv, size, err := curveName(pub.Curve())
+		crv, size, err := curveName(ek.Curve())
 		if err != nil {
 			return nil, err
 		}
-		pt := pub.Bytes() // 0x04 || X || Y, fixed size
-		jwk = ecJWK{
-			Kty: "EC", Crv: crv, Alg: AlgECDH,
-			X: b64url(pt[1 : 1+size]),
-			Y: b64url(pt[1+size:]),
-		}
+		return &TeeKey{Private: priv, JWK: ecJWKOf(crv, size, ek.PublicKey().Bytes()), ecdh: ek, ecdhOf: k}, nil
 	case *rsa.PrivateKey:
 		if bits := k.N.BitLen(); bits < minRSABits || bits > maxRSABits {
 			return nil, fmt.Errorf("TEE key: RSA-%d outside %d..%d bits", bits, minRSABits, maxRSABits)
 		}
-		jwk = rsaJWK{
+		b, err := json.Marshal(rsaJWK{
 			Kty: "RSA", Alg: AlgRSA,
 			N: b64url(k.N.Bytes()),
 			E: b64url(big.NewInt(int64(k.E)).Bytes()),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("encoding the TEE key's JWK: %w", err)
 		}
-	default:
-		return nil, fmt.Errorf("TEE key: %T unsupported (want *ecdsa.PrivateKey or *rsa.PrivateKey)", priv)
+		return &TeeKey{Private: priv, JWK: b}, nil
 	}
-	b, err := json.Marshal(jwk)
-	if err != nil {
-		return nil, fmt.Errorf("encoding the TEE key's JWK: %w", err)
-	}
-	return &TeeKey{Private: priv, JWK: b}, nil
+	return nil, fmt.Errorf("TEE key: %T unsupported (want *ecdsa.PrivateKey or *rsa.PrivateKey)", priv)
 }
 
 func b64url(b []byte) string { return base64.RawURLEncoding.EncodeToString(b) }
@@ -142,41 +167,64 @@ func curveByName(name string) (ecdh.Curve, elliptic.Curve, int, bool) {
 // an *ecdsa.PublicKey or an *rsa.PublicKey. The broker calls it (through
 // EncryptResource) on untrusted input.
 func ParseTeePubKey(jwk json.RawMessage) (crypto.PublicKey, error) {
+	k, err := parseTeeKey(jwk)
+	if err != nil {
+		return nil, err
+	}
+	if k.rsa != nil {
+		return k.rsa, nil
+	}
+	_, ecurve, size, _ := curveByName(k.crv)
+	pt := k.ec.Bytes()
+	return &ecdsa.PublicKey{Curve: ecurve, X: new(big.Int).SetBytes(pt[1 : 1+size]), Y: new(big.Int).SetBytes(pt[1+size:])}, nil
+}
+
+// teePub is a parsed TEE public key: ec (with its curve's name and
+// coordinate size) or rsa.
+type teePub struct {
+	ec   *ecdh.PublicKey
+	crv  string
+	size int
+	rsa  *rsa.PublicKey
+}
+
+func parseTeeKey(jwk json.RawMessage) (*teePub, error) {
 	m, err := normalJWK(jwk)
 	if err != nil {
 		return nil, err
 	}
-	switch m["kty"] {
+	switch m.kty {
 	case "EC":
-		if m["alg"] != AlgECDH {
-			return nil, fmt.Errorf("tee-pubkey: EC key with alg %q; only %s is spoken", m["alg"], AlgECDH)
+		if m.alg != AlgECDH {
+			return nil, fmt.Errorf("tee-pubkey: EC key with alg %q; only %s is spoken", m.alg, AlgECDH)
 		}
-		curve, ecurve, size, ok := curveByName(m["crv"])
+		curve, _, size, ok := curveByName(m.crv)
 		if !ok {
-			return nil, fmt.Errorf("tee-pubkey: crv %q unsupported (want P-256, P-384 or P-521)", m["crv"])
+			return nil, fmt.Errorf("tee-pubkey: crv %q unsupported (want P-256, P-384 or P-521)", m.crv)
 		}
-		x, err := b64Field(m, "x", size)
+		x, err := b64Field("x", m.x, size)
 		if err != nil {
 			return nil, err
 		}
-		y, err := b64Field(m, "y", size)
+		y, err := b64Field("y", m.y, size)
 		if err != nil {
 			return nil, err
 		}
 		// crypto/ecdh checks the point is on the curve and not infinity.
-		if _, err := curve.NewPublicKey(append(append([]byte{4}, x...), y...)); err != nil {
-			return nil, fmt.Errorf("tee-pubkey: not a point on %s: %w", m["crv"], err)
+		pub, err := curve.NewPublicKey(append(append([]byte{4}, x...), y...))
+		if err != nil {
+			return nil, fmt.Errorf("tee-pubkey: not a point on %s: %w", m.crv, err)
 		}
-		return &ecdsa.PublicKey{Curve: ecurve, X: new(big.Int).SetBytes(x), Y: new(big.Int).SetBytes(y)}, nil
+		return &teePub{ec: pub, crv: m.crv, size: size}, nil
 	case "RSA":
-		if m["alg"] != AlgRSA {
-			return nil, fmt.Errorf("tee-pubkey: RSA key with alg %q; only %s is spoken (RSA1_5 is deprecated)", m["alg"], AlgRSA)
+		if m.alg != AlgRSA {
+			return nil, fmt.Errorf("tee-pubkey: RSA key with alg %q; only %s is spoken (RSA1_5 is deprecated)", m.alg, AlgRSA)
 		}
-		n, err := b64Field(m, "n", -1)
+		n, err := b64Field("n", m.n, -1)
 		if err != nil {
 			return nil, err
 		}
-		e, err := b64Field(m, "e", -1)
+		e, err := b64Field("e", m.e, -1)
 		if err != nil {
 			return nil, err
 		}
@@ -191,14 +239,14 @@ func ParseTeePubKey(jwk json.RawMessage) (crypto.PublicKey, error) {
 		if E < 3 || E%2 == 0 {
 			return nil, fmt.Errorf("tee-pubkey: RSA exponent %d invalid", E)
 		}
-		return &rsa.PublicKey{N: N, E: E}, nil
+		return &teePub{rsa: &rsa.PublicKey{N: N, E: E}}, nil
 	}
-	return nil, fmt.Errorf("tee-pubkey: kty %q cannot receive resources (want EC or RSA)", m["kty"])
+	return nil, fmt.Errorf("tee-pubkey: kty %q cannot receive resources (want EC or RSA)", m.kty)
 }
 
 // b64Field decodes a base64url member; size >= 0 demands that length.
-func b64Field(m map[string]string, name string, size int) ([]byte, error) {
-	b, err := base64.RawURLEncoding.DecodeString(m[name])
+func b64Field(name, v string, size int) ([]byte, error) {
+	b, err := base64.RawURLEncoding.DecodeString(v)
 	if err != nil {
 		return nil, fmt.Errorf("tee-pubkey: member %q is not base64url: %w", name, err)
 	}
@@ -211,8 +259,15 @@ func b64Field(m map[string]string, name string, size int) ([]byte, error) {
 // EncryptResource seals plaintext to a TEE public key JWK as a JWE in
 // flattened JSON serialization, A256GCM, with ECDH-ES+A256KW (EC keys)
 // or RSA-OAEP-256 (RSA keys).
+//
+// JOSE is done here directly (crypto/ecdh, the Concat KDF of RFC 7518
+// §4.6, the AES key wrap of RFC 3394, AES-GCM) rather than through a
+// general JOSE library: the broker seals one resource per handshake,
+// and a general library's key conversions and reflection cost more than
+// the cryptography. The tests check the output against go-jose's
+// decrypter and an independent implementation.
 func EncryptResource(teePubKey json.RawMessage, plaintext []byte) ([]byte, error) {
-	pub, err := ParseTeePubKey(teePubKey)
+	pub, err := parseTeeKey(teePubKey)
 	if err != nil {
 		return nil, err
 	}
@@ -220,23 +275,183 @@ func EncryptResource(teePubKey json.RawMessage, plaintext []byte) ([]byte, error
 	if len(plaintext) > MaxResourceJWE/2 {
 		return nil, fmt.Errorf("resource of %d bytes is too large to seal (at most %d)", len(plaintext), MaxResourceJWE/2)
 	}
-	alg := jose.ECDH_ES_A256KW
-	if _, ok := pub.(*rsa.PublicKey); ok {
-		alg = jose.RSA_OAEP_256
+	var cek [cekSize]byte
+	if _, err := rand.Read(cek[:]); err != nil {
+		return nil, fmt.Errorf("sealing resource: %w", err)
 	}
-	enc, err := jose.NewEncrypter(jose.A256GCM, jose.Recipient{Algorithm: alg, Key: pub}, nil)
+	defer clear(cek[:])
+	var hdr, encKey []byte
+	if pub.rsa != nil {
+		encKey, err = rsa.EncryptOAEP(sha256.New(), rand.Reader, pub.rsa, cek[:], nil)
+		if err != nil {
+			return nil, fmt.Errorf("sealing resource (%s): %w", AlgRSA, err)
+		}
+		hdr = []byte(`{"alg":"` + AlgRSA + `","enc":"` + EncGCM + `"}`)
+	} else {
+		eph, err := pub.ec.Curve().GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("sealing resource (%s): %w", AlgECDH, err)
+		}
+		z, err := eph.ECDH(pub.ec)
+		if err != nil {
+			return nil, fmt.Errorf("sealing resource (%s): %w", AlgECDH, err)
+		}
+		kek := concatKDFSHA256(z, AlgECDH, nil, nil, 256)
+		clear(z)
+		encKey, err = wrapKey(kek[:], cek[:])
+		clear(kek[:])
+		if err != nil {
+			return nil, fmt.Errorf("sealing resource (%s): %w", AlgECDH, err)
+		}
+		// go-jose's header, member for member: alg, enc, epk (kty, crv,
+		// x, y); Trustee's guest reads epk's crv, x and y.
+		pt := eph.PublicKey().Bytes()
+		hdr = make([]byte, 0, 128+2*base64.RawURLEncoding.EncodedLen(pub.size))
+		hdr = append(hdr, `{"alg":"`+AlgECDH+`","enc":"`+EncGCM+`","epk":{"kty":"EC","crv":"`...)
+		hdr = append(hdr, pub.crv...)
+		hdr = append(hdr, `","x":"`...)
+		hdr = base64.RawURLEncoding.AppendEncode(hdr, pt[1:1+pub.size])
+		hdr = append(hdr, `","y":"`...)
+		hdr = base64.RawURLEncoding.AppendEncode(hdr, pt[1+pub.size:])
+		hdr = append(hdr, `"}}`...)
+	}
+	gcm, err := newGCM(cek[:])
 	if err != nil {
-		return nil, fmt.Errorf("sealing resource (%s): %w", alg, err)
+		return nil, fmt.Errorf("sealing resource: %w", err)
 	}
-	obj, err := enc.Encrypt(plaintext)
+	var iv [gcmIVSize]byte
+	if _, err := rand.Read(iv[:]); err != nil {
+		return nil, fmt.Errorf("sealing resource: %w", err)
+	}
+	b64 := base64.RawURLEncoding
+	protected := b64.AppendEncode(nil, hdr)
+	sealed := gcm.Seal(make([]byte, 0, len(plaintext)+gcmTagSize), iv[:], plaintext, protected)
+	ct, tag := sealed[:len(plaintext)], sealed[len(plaintext):]
+
+	// The members are base64url, so nothing in them needs JSON escaping.
+	out := make([]byte, 0, 96+len(protected)+b64.EncodedLen(len(encKey))+b64.EncodedLen(len(sealed))+16)
+	out = append(out, `{"protected":"`...)
+	out = append(out, protected...)
+	out = append(out, `","encrypted_key":"`...)
+	out = b64.AppendEncode(out, encKey)
+	out = append(out, `","iv":"`...)
+	out = b64.AppendEncode(out, iv[:])
+	out = append(out, `","ciphertext":"`...)
+	out = b64.AppendEncode(out, ct)
+	out = append(out, `","tag":"`...)
+	out = b64.AppendEncode(out, tag)
+	out = append(out, `"}`...)
+	return out, nil
+}
+
+// Sizes fixed by A256GCM and A256KW.
+const (
+	cekSize    = 32
+	gcmIVSize  = 12
+	gcmTagSize = 16
+)
+
+func newGCM(key []byte) (cipher.AEAD, error) {
+	block, err := aes.NewCipher(key)
 	if err != nil {
-		return nil, fmt.Errorf("sealing resource (%s): %w", alg, err)
+		return nil, err
 	}
-	out := obj.FullSerialize()
-	if out == "" {
-		return nil, errors.New("sealing resource: JWE serialisation failed")
+	return cipher.NewGCM(block)
+}
+
+// concatKDF derives a key of bits (at most 256) from the shared secret
+// z: RFC 7518 §4.6.2, the Concat KDF of NIST SP 800-56A with SHA-256.
+// One round gives all the bits ECDH-ES+A256KW needs; the key is the
+// first bits/8 bytes of
+//
+//	SHA-256(counter=1 || Z || len(alg) || alg || len(apu) || apu ||
+//	        len(apv) || apv || keydatalen=bits)
+func concatKDFSHA256(z []byte, alg string, apu, apv []byte, bits int) [32]byte {
+	h := sha256.New()
+	var n [4]byte
+	put := func(v int) {
+		binary.BigEndian.PutUint32(n[:], uint32(v))
+		h.Write(n[:])
 	}
-	return []byte(out), nil
+	put(1)
+	h.Write(z)
+	put(len(alg))
+	io.WriteString(h, alg)
+	put(len(apu))
+	h.Write(apu)
+	put(len(apv))
+	h.Write(apv)
+	put(bits)
+	var out [32]byte
+	h.Sum(out[:0])
+	return out
+}
+
+// aesKeyWrapIV is RFC 3394's default initial value.
+const aesKeyWrapIV = 0xA6A6A6A6A6A6A6A6
+
+// wrapKey wraps key (a multiple of 8 bytes, at least 16) under kek:
+// RFC 3394 §2.2.1.
+func wrapKey(kek, key []byte) ([]byte, error) {
+	if len(key) < 16 || len(key)%8 != 0 {
+		return nil, fmt.Errorf("AES key wrap: key of %d bytes (want a multiple of 8, at least 16)", len(key))
+	}
+	block, err := aes.NewCipher(kek)
+	if err != nil {
+		return nil, err
+	}
+	n := len(key) / 8
+	out := make([]byte, 8+len(key))
+	copy(out[8:], key)
+	a := uint64(aesKeyWrapIV)
+	var b [16]byte
+	for j := 0; j < 6; j++ {
+		for i := 1; i <= n; i++ {
+			r := out[8*i : 8*i+8]
+			binary.BigEndian.PutUint64(b[:8], a)
+			copy(b[8:], r)
+			block.Encrypt(b[:], b[:])
+			a = binary.BigEndian.Uint64(b[:8]) ^ uint64(n*j+i)
+			copy(r, b[8:])
+		}
+	}
+	binary.BigEndian.PutUint64(out[:8], a)
+	return out, nil
+}
+
+// unwrapKey reverses wrapKey and checks the integrity value: RFC
+// 3394 §2.2.2 and §2.2.3.
+func unwrapKey(kek, wrapped []byte) ([]byte, error) {
+	if len(wrapped) < 24 || len(wrapped)%8 != 0 {
+		return nil, fmt.Errorf("wrapped key of %d bytes (want a multiple of 8, at least 24)", len(wrapped))
+	}
+	block, err := aes.NewCipher(kek)
+	if err != nil {
+		return nil, err
+	}
+	n := len(wrapped)/8 - 1
+	out := make([]byte, len(wrapped)-8)
+	copy(out, wrapped[8:])
+	a := binary.BigEndian.Uint64(wrapped[:8])
+	var b [16]byte
+	for j := 5; j >= 0; j-- {
+		for i := n; i >= 1; i-- {
+			r := out[8*(i-1) : 8*i]
+			binary.BigEndian.PutUint64(b[:8], a^uint64(n*j+i))
+			copy(b[8:], r)
+			block.Decrypt(b[:], b[:])
+			a = binary.BigEndian.Uint64(b[:8])
+			copy(r, b[8:])
+		}
+	}
+	var got, want [8]byte
+	binary.BigEndian.PutUint64(got[:], a)
+	binary.BigEndian.PutUint64(want[:], aesKeyWrapIV)
+	if subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+		clear(out)
+		return nil, errors.New("AES key unwrap: integrity check failed")
+	}
+	return out, nil
 }
 
 // flatJWE is the only JWE shape DecryptResource accepts: flattened JSON
@@ -251,10 +466,19 @@ type flatJWE struct {
 	Tag          string  `json:"tag"`
 }
 
-// DecryptResource opens a JWE made by EncryptResource. It runs in the
-// guest on bytes the untrusted host relayed, so it accepts only the
-// flattened JSON form, the one alg that fits key, A256GCM, and no
-// compression.
+// errNotSealed is the answer to every cryptographic failure while
+// opening: which step failed would tell a forger too much, and the
+// remedy is the same.
+const errNotSealed = "the resource was not sealed to this handshake's key, or was altered on the way"
+
+// errCrypto marks a failure to open the content key, reported without
+// detail.
+var errCrypto = errors.New("the content key does not open")
+
+// DecryptResource opens a JWE made by EncryptResource (or by Trustee's
+// KBS). It runs in the guest on bytes the untrusted host relayed, so it
+// accepts only the flattened JSON form, the one alg that fits key,
+// A256GCM, no compression and no critical extensions.
 func DecryptResource(key *TeeKey, jwe []byte) ([]byte, error) {
 	if key == nil || key.Private == nil {
 		return nil, errors.New("decrypting resource: no TEE key")
@@ -262,20 +486,18 @@ func DecryptResource(key *TeeKey, jwe []byte) ([]byte, error) {
 	if len(jwe) > MaxResourceJWE {
 		return nil, fmt.Errorf("decrypting resource: JWE of %d bytes, more than %d", len(jwe), MaxResourceJWE)
 	}
-	var wantAlg jose.KeyAlgorithm
+	var wantAlg string
 	switch key.Private.(type) {
 	case *ecdsa.PrivateKey:
-		wantAlg = jose.ECDH_ES_A256KW
+		wantAlg = AlgECDH
 	case *rsa.PrivateKey:
-		wantAlg = jose.RSA_OAEP_256
+		wantAlg = AlgRSA
 	default:
 		return nil, fmt.Errorf("decrypting resource: TEE key of type %T unsupported", key.Private)
 	}
 
-	// Members are matched exactly, as go-jose's case-sensitive JSON
-	// decoder matches them, so what is checked here is what it opens.
-	var flat flatJWE
-	if err := decodeExact(jwe, &flat, "protected", "encrypted_key", "aad", "iv", "ciphertext", "tag"); err != nil {
+	flat, err := parseFlatJWE(jwe)
+	if err != nil {
 		return nil, fmt.Errorf("decrypting resource: not a flattened JSON JWE: %w", err)
 	}
 	for name, v := range map[string]string{"protected": flat.Protected, "encrypted_key": flat.EncryptedKey, "iv": flat.IV, "tag": flat.Tag} {
@@ -290,35 +512,323 @@ func DecryptResource(key *TeeKey, jwe []byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("decrypting resource: protected header is not base64url: %w", err)
 	}
-	var hdr map[string]json.RawMessage
-	if err := json.Unmarshal(hdrJSON, &hdr); err != nil || hdr == nil {
+	hdr, err := parseJWEHeader(hdrJSON)
+	if err != nil {
 		return nil, fmt.Errorf("decrypting resource: protected header is not a JSON object: %s", preview(hdrJSON))
 	}
-	var alg, enc string
-	json.Unmarshal(hdr["alg"], &alg)
-	json.Unmarshal(hdr["enc"], &enc)
-	if alg != string(wantAlg) {
-		return nil, fmt.Errorf("decrypting resource: alg %q, want %s for this TEE key", clean(alg, 40), wantAlg)
+	if hdr.alg != wantAlg {
+		return nil, fmt.Errorf("decrypting resource: alg %q, want %s for this TEE key", clean(hdr.alg, 40), wantAlg)
 	}
-	if enc != EncGCM {
-		return nil, fmt.Errorf("decrypting resource: enc %q, want %s", clean(enc, 40), EncGCM)
+	if hdr.enc != EncGCM {
+		return nil, fmt.Errorf("decrypting resource: enc %q, want %s", clean(hdr.enc, 40), EncGCM)
 	}
 	// Compression would let a small JWE expand without bound; critical
 	// extensions would change meaning in ways this code does not know.
-	if zip, ok := hdr["zip"]; ok {
-		return nil, fmt.Errorf("decrypting resource: compressed JWE (zip %s) refused", preview(zip))
+	if hdr.zip != nil {
+		return nil, fmt.Errorf("decrypting resource: compressed JWE (zip %s) refused", preview(hdr.zip))
 	}
-	if _, ok := hdr["crit"]; ok {
+	if hdr.crit {
 		return nil, errors.New("decrypting resource: JWE with critical header extensions refused")
 	}
 
-	obj, err := jose.ParseEncryptedJSON(string(jwe), []jose.KeyAlgorithm{wantAlg}, []jose.ContentEncryption{jose.A256GCM})
+	b64 := base64.RawURLEncoding
+	encKey, err := b64.DecodeString(flat.EncryptedKey)
+	if err != nil {
+		return nil, fmt.Errorf("decrypting resource: encrypted_key is not base64url: %w", err)
+	}
+	iv, err := b64.DecodeString(flat.IV)
+	if err != nil || len(iv) != gcmIVSize {
+		return nil, fmt.Errorf("decrypting resource: iv is not %d bytes of base64url", gcmIVSize)
+	}
+	tag, err := b64.DecodeString(flat.Tag)
+	if err != nil || len(tag) != gcmTagSize {
+		return nil, fmt.Errorf("decrypting resource: tag is not %d bytes of base64url", gcmTagSize)
+	}
+	sealed, err := b64.AppendDecode(make([]byte, 0, b64.DecodedLen(len(*flat.Ciphertext))+gcmTagSize), []byte(*flat.Ciphertext))
+	if err != nil {
+		return nil, fmt.Errorf("decrypting resource: ciphertext is not base64url: %w", err)
+	}
+	sealed = append(sealed, tag...)
+	// RFC 7516 §5.1 step 14: with an aad member, the AEAD's additional
+	// data is the encoded header, a period and the encoded aad.
+	aad := []byte(flat.Protected)
+	if flat.AAD != nil {
+		aad = append(append(aad, '.'), *flat.AAD...)
+	}
+
+	var cek []byte
+	switch priv := key.Private.(type) {
+	case *ecdsa.PrivateKey:
+		cek, err = key.unwrapECDH(priv, hdr, encKey)
+	case *rsa.PrivateKey:
+		cek, err = rsa.DecryptOAEP(sha256.New(), nil, priv, encKey, nil)
+		if err != nil || len(cek) != cekSize {
+			clear(cek)
+			cek, err = nil, errCrypto
+		}
+	}
+	// Which cryptographic step failed is not said: the host relays these
+	// bytes and may be probing (the RSA-OAEP and key unwrap failures in
+	// particular must look alike).
+	notSealed := fmt.Errorf("decrypting resource (%s, %s): %s", wantAlg, EncGCM, errNotSealed)
+	if errors.Is(err, errCrypto) {
+		return nil, notSealed
+	}
+	if err != nil {
+		return nil, fmt.Errorf("decrypting resource (%s, %s): %w; %s", wantAlg, EncGCM, err, errNotSealed)
+	}
+	defer clear(cek)
+	gcm, err := newGCM(cek)
 	if err != nil {
 		return nil, fmt.Errorf("decrypting resource: %w", err)
 	}
-	plain, err := obj.Decrypt(key.Private)
+	plain, err := gcm.Open(sealed[:0], iv, sealed, aad)
 	if err != nil {
-		return nil, fmt.Errorf("decrypting resource (%s, %s): %w; the resource was not sealed to this handshake's key, or was altered on the way", wantAlg, EncGCM, err)
+		return nil, notSealed
+	}
+	if plain == nil {
+		plain = []byte{}
 	}
 	return plain, nil
+}
+
+// unwrapECDH recovers the content key of an ECDH-ES+A256KW JWE: the
+// ephemeral key from the header's epk (on this key's curve), the Concat
+// KDF with the header's apu and apv if any, and the AES key unwrap.
+func (k *TeeKey) unwrapECDH(priv *ecdsa.PrivateKey, hdr *jweHeader, encKey []byte) ([]byte, error) {
+	ek, err := k.ecdhKey(priv)
+	if err != nil {
+		return nil, err
+	}
+	crv, _, err := curveName(ek.Curve())
+	if err != nil {
+		return nil, err
+	}
+	if hdr.epk == nil {
+		return nil, errors.New("no epk in the protected header")
+	}
+	epk, err := parseEPK(hdr.epk)
+	if err != nil {
+		return nil, errors.New("epk is not a JSON object")
+	}
+	if epk.kty != "EC" || epk.crv != crv {
+		return nil, fmt.Errorf("epk is kty %q crv %q, want an EC key on %s", clean(epk.kty, 16), clean(epk.crv, 16), crv)
+	}
+	pub, err := ecPoint(ek.Curve(), epk.x, epk.y)
+	if err != nil {
+		return nil, fmt.Errorf("epk: %w", err)
+	}
+	var apu, apv []byte
+	if hdr.apu != nil {
+		if apu, err = base64.RawURLEncoding.DecodeString(*hdr.apu); err != nil {
+			return nil, errors.New("header apu is not base64url")
+		}
+	}
+	if hdr.apv != nil {
+		if apv, err = base64.RawURLEncoding.DecodeString(*hdr.apv); err != nil {
+			return nil, errors.New("header apv is not base64url")
+		}
+	}
+	z, err := ek.ECDH(pub)
+	if err != nil {
+		return nil, err
+	}
+	kek := concatKDFSHA256(z, AlgECDH, apu, apv, 256)
+	clear(z)
+	cek, err := unwrapKey(kek[:], encKey)
+	clear(kek[:])
+	if err != nil || len(cek) != cekSize {
+		clear(cek)
+		return nil, errCrypto
+	}
+	return cek, nil
+}
+
+// parseFlatJWE reads the flattened JSON serialization: an object of
+// exactly these members, names matched exactly as JOSE's and serde's
+// decoders match them (encoding/json alone would take "Protected").
+// Strings may be null (then absent), as encoding/json reads them.
+func parseFlatJWE(b []byte) (*flatJWE, error) {
+	var f flatJWE
+	r := jsonx.NewReader(b)
+	optional := func(dst **string) error {
+		if r.Null() {
+			*dst = nil
+			return nil
+		}
+		s, err := r.String()
+		*dst = &s
+		return err
+	}
+	required := func(dst *string) error {
+		if r.Null() {
+			return nil
+		}
+		s, err := r.String()
+		*dst = s
+		return err
+	}
+	err := r.Object(func(name string) error {
+		switch name {
+		case "protected":
+			return required(&f.Protected)
+		case "encrypted_key":
+			return required(&f.EncryptedKey)
+		case "iv":
+			return required(&f.IV)
+		case "tag":
+			return required(&f.Tag)
+		case "aad":
+			return optional(&f.AAD)
+		case "ciphertext":
+			return optional(&f.Ciphertext)
+		}
+		return fmt.Errorf("unknown member %q", clean(name, 40))
+	})
+	if err != nil {
+		return nil, err
+	}
+	if r.End() != nil {
+		return nil, errors.New("trailing data after the JSON object")
+	}
+	return &f, nil
+}
+
+// jweHeader is what DecryptResource reads of a protected header. alg,
+// enc, apu and apv count only as strings; zip and crit count by being
+// there at all.
+type jweHeader struct {
+	alg, enc string
+	apu, apv *string
+	zip      []byte // the raw value, when present
+	crit     bool
+	epk      []byte // the raw value, when present
+}
+
+func parseJWEHeader(b []byte) (*jweHeader, error) {
+	var h jweHeader
+	r := jsonx.NewReader(b)
+	str := func() (string, bool, error) {
+		if r.Peek() != '"' {
+			return "", false, r.Skip()
+		}
+		s, err := r.String()
+		return s, true, err
+	}
+	err := r.Object(func(name string) error {
+		var err error
+		switch name {
+		case "alg":
+			h.alg, _, err = str()
+		case "enc":
+			h.enc, _, err = str()
+		case "apu", "apv":
+			s, ok, e := str()
+			err = e
+			p := &h.apu
+			if name == "apv" {
+				p = &h.apv
+			}
+			*p = nil
+			if ok {
+				*p = &s
+			} else if err == nil {
+				// Present but not a string: not base64url either.
+				bad := "\x00"
+				*p = &bad
+			}
+		case "zip":
+			h.zip, err = r.Raw()
+		case "crit":
+			h.crit = true
+			err = r.Skip()
+		case "epk":
+			h.epk, err = r.Raw()
+		default:
+			err = r.Skip()
+		}
+		return err
+	})
+	if err == nil {
+		err = r.End()
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &h, nil
+}
+
+// epkJWK is what unwrapECDH reads of the ephemeral public key.
+type epkJWK struct{ kty, crv, x, y string }
+
+func parseEPK(b []byte) (*epkJWK, error) {
+	var k epkJWK
+	r := jsonx.NewReader(b)
+	err := r.Object(func(name string) error {
+		var dst *string
+		switch name {
+		case "kty":
+			dst = &k.kty
+		case "crv":
+			dst = &k.crv
+		case "x":
+			dst = &k.x
+		case "y":
+			dst = &k.y
+		default:
+			return r.Skip()
+		}
+		if r.Peek() != '"' {
+			*dst = ""
+			return r.Skip()
+		}
+		s, err := r.String()
+		*dst = s
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &k, nil
+}
+
+// ecdhKey is priv as a crypto/ecdh key: the one made with the TeeKey
+// when it is still priv, else converted now (which costs a scalar
+// multiplication, hence the copy kept).
+func (k *TeeKey) ecdhKey(priv *ecdsa.PrivateKey) (*ecdh.PrivateKey, error) {
+	if k.ecdh != nil && k.ecdhOf == priv {
+		return k.ecdh, nil
+	}
+	ek, err := priv.ECDH()
+	if err != nil {
+		return nil, fmt.Errorf("TEE key: %w", err)
+	}
+	return ek, nil
+}
+
+// ecPoint decodes base64url coordinates into a public key on c; crypto/ecdh
+// checks that the point is on the curve and not the point at infinity.
+func ecPoint(c ecdh.Curve, x64, y64 string) (*ecdh.PublicKey, error) {
+	_, size, err := curveName(c)
+	if err != nil {
+		return nil, err
+	}
+	b64 := base64.RawURLEncoding
+	if b64.DecodedLen(len(x64)) != size || b64.DecodedLen(len(y64)) != size {
+		return nil, fmt.Errorf("coordinates are not %d bytes", size)
+	}
+	pt := make([]byte, 1, 1+2*size)
+	pt[0] = 4
+	pt, err = b64.AppendDecode(pt, []byte(x64))
+	if err != nil {
+		return nil, errors.New("x is not base64url")
+	}
+	pt, err = b64.AppendDecode(pt, []byte(y64))
+	if err != nil {
+		return nil, errors.New("y is not base64url")
+	}
+	if len(pt) != 1+2*size {
+		return nil, fmt.Errorf("coordinates are not %d bytes", size)
+	}
+	return c.NewPublicKey(pt)
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 )
 
 // Size limits for the protocol's messages, for whoever reads them off
@@ -95,24 +94,4 @@ func decodeMessage(what string, b []byte, max int, v any) error {
 		return fmt.Errorf("%s: trailing data after the JSON object", what)
 	}
 	return nil
-}
-
-// decodeExact decodes one JSON object into v after checking that every
-// member's name is one of names, matched exactly: encoding/json would
-// otherwise accept "Protected" for "protected", unlike the JOSE and
-// serde decoders the other end uses.
-func decodeExact(b []byte, v any, names ...string) error {
-	var m map[string]json.RawMessage
-	if err := decodeMessage("JSON", b, len(b), &m); err != nil {
-		return err
-	}
-	if m == nil {
-		return errors.New("null, not a JSON object")
-	}
-	for k := range m {
-		if !slices.Contains(names, k) {
-			return fmt.Errorf("unknown member %q", clean(k, 40))
-		}
-	}
-	return json.Unmarshal(b, v)
 }

@@ -5,6 +5,8 @@ import (
 	"crypto/sha512"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -126,4 +128,86 @@ func TestReportDataRejects(t *testing.T) {
 			t.Errorf("ReportData(%s JWK) = %v; want the error to name tee-pubkey", name, err)
 		}
 	}
+}
+
+// refRuntimeDataJCS is how runtimeDataJCS was first written: the JWK
+// decoded by encoding/json into a map, the document marshalled and
+// handed to a general RFC 8785 canonicaliser. The direct writer must
+// agree with it byte for byte.
+func refRuntimeDataJCS(nonce string, teePubKey json.RawMessage, additional string) ([]byte, error) {
+	if len(teePubKey) > maxJWKSize {
+		return nil, errors.New("too big")
+	}
+	raw := bytes.TrimSpace(teePubKey)
+	if len(raw) == 0 || raw[0] != '{' {
+		return nil, errors.New("not an object")
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &obj); err != nil {
+		return nil, err
+	}
+	str := func(name string) (string, error) {
+		v, ok := obj[name]
+		var s string
+		if v = bytes.TrimSpace(v); !ok || len(v) == 0 || v[0] != '"' || json.Unmarshal(v, &s) != nil {
+			return "", fmt.Errorf("member %q", name)
+		}
+		return s, nil
+	}
+	kty, err := str("kty")
+	if err != nil {
+		return nil, err
+	}
+	members, ok := jwkMembers[kty]
+	if !ok {
+		return nil, errors.New("kty")
+	}
+	key := map[string]string{"kty": kty}
+	for _, m := range members {
+		if key[m], err = str(m); err != nil {
+			return nil, err
+		}
+	}
+	doc, err := json.Marshal(struct {
+		Additional string            `json:"additional-evidence"`
+		Nonce      string            `json:"nonce"`
+		TeePubKey  map[string]string `json:"tee-pubkey"`
+	}{additional, nonce, key})
+	if err != nil {
+		return nil, err
+	}
+	return jcs.Transform(doc)
+}
+
+func FuzzRuntimeDataJCS(f *testing.F) {
+	raw, err := os.ReadFile("testdata/reportdata.json")
+	if err != nil {
+		f.Fatal(err)
+	}
+	var cases []struct {
+		Nonce      string          `json:"nonce"`
+		TeePubKey  json.RawMessage `json:"tee-pubkey"`
+		Additional string          `json:"additional"`
+	}
+	if err := json.Unmarshal(raw, &cases); err != nil {
+		f.Fatal(err)
+	}
+	for _, c := range cases {
+		f.Add(c.Nonce, []byte(c.TeePubKey), c.Additional)
+	}
+	f.Add("n\x00\x7f\u2028<>&\xff\xed\xa0\x80", []byte(`{"kty":"AKP","alg":"a\u00e9\ud83d\ude00\ud800","pub":"\u001f\b\f"}`), "\t\r\n\"\\")
+	f.Add("", []byte(`{"kty":"EC","crv":1,"alg":"","x":"","y":""}`), "")
+	f.Add("", []byte(`{"kty":"EC","kty":"RSA","alg":"","n":"","e":"","alg":5}`), "")
+	f.Add("", []byte(`{"kty":"RSA","alg":5,"alg":"","n":"","e":"", "z":[1,{"a":null}]}`), "")
+	f.Add("", []byte(`{"KTY":"RSA","alg":"","n":"","e":""}`), "")
+	f.Fuzz(func(t *testing.T, nonce string, jwk []byte, additional string) {
+		got, err := runtimeDataJCS(nonce, jwk, additional)
+		want, werr := refRuntimeDataJCS(nonce, jwk, additional)
+		if (err == nil) != (werr == nil) {
+			t.Fatalf("runtimeDataJCS(%q, %s, %q): err %v, reference: %v", nonce, jwk, additional, err, werr)
+		}
+		if err == nil && !bytes.Equal(got, want) {
+			t.Fatalf("runtimeDataJCS(%q, %s, %q)\n got %s\nwant %s", nonce, jwk, additional, got, want)
+		}
+	})
 }

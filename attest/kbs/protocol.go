@@ -29,8 +29,8 @@ func (s *Server) handleAuth(w http.ResponseWriter, r *http.Request, _ []string) 
 	if err != nil {
 		return err
 	}
-	var req attest.Request
-	if err := decodeJSON(body, &req, false, "auth request"); err != nil {
+	req, err := decodeAuthRequest(body)
+	if err != nil {
 		s.metrics.handshake("", "bad_request")
 		return err
 	}
@@ -52,7 +52,7 @@ func (s *Server) handleAuth(w http.ResponseWriter, r *http.Request, _ []string) 
 		return err
 	}
 	s.metrics.handshake(req.Tee, "challenged")
-	writeJSON(w, http.StatusOK, attest.Challenge{Nonce: ss.Nonce, ExtraParams: json.RawMessage(`""`)})
+	writeRawJSON(w, appendChallenge(make([]byte, 0, 96), ss.Nonce))
 	return nil
 }
 
@@ -83,8 +83,8 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 		s.metrics.handshake(ss.Tee, "bad_request")
 		return err
 	}
-	var at attest.Attestation
-	if err := decodeJSON(body, &at, false, "attestation"); err != nil {
+	at, err := decodeAttestation(body)
+	if err != nil {
 		s.metrics.handshake(ss.Tee, "bad_request")
 		return err
 	}
@@ -154,7 +154,7 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 	}
 	s.log.LogAttrs(ctx, lvl, msg, slog.String("tee", ss.Tee), slog.Bool("insecure", claims.Insecure),
 		slog.String("remote", r.RemoteAddr))
-	writeJSON(w, http.StatusOK, attest.AttestResponse{Token: tok})
+	writeRawJSON(w, appendAttestResponse(make([]byte, 0, len(tok)+16), tok))
 	return nil
 }
 
@@ -166,14 +166,8 @@ func (s *Server) mintToken(c *attest.Claims, teePubKey json.RawMessage) (string,
 	if values == nil {
 		values = map[string]string{}
 	}
-	teeClaims, err := json.Marshal(values)
-	if err != nil {
-		return "", exp, err
-	}
-	rd, err := json.Marshal(runtimeDataClaims{TeePubKey: teePubKey})
-	if err != nil {
-		return "", exp, err
-	}
+	teeClaims := appendStringMap(nil, values)
+	rd := append(append([]byte(`{"tee-pubkey":`), teePubKey...), '}')
 	status := earStatusAffirm
 	if c.Insecure {
 		status = earStatusWarning

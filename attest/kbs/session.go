@@ -136,13 +136,22 @@ func (s *Server) setSessionCookie(w http.ResponseWriter, ss session) error {
 	if err != nil {
 		return err
 	}
-	http.SetCookie(w, &http.Cookie{
-		Name:     CookieName,
-		Value:    v,
-		Path:     "/kbs",
-		Expires:  ss.Expires,
-		HttpOnly: true,
-		SameSite: http.SameSiteStrictMode,
-	})
+	w.Header().Add("Set-Cookie", sessionCookieHeader(v, ss.Expires))
 	return nil
+}
+
+// sessionCookieHeader writes the Set-Cookie value that http.SetCookie
+// would write for the session cookie (name, value, Path=/kbs, Expires,
+// HttpOnly, SameSite=Strict), without its per-byte sanitising of a
+// value that is base64url by construction: for a cookie that carries a
+// token, kilobytes on every /attest.
+func sessionCookieHeader(value string, expires time.Time) string {
+	b := make([]byte, 0, len(CookieName)+len(value)+96)
+	b = append(b, CookieName...)
+	b = append(b, '=')
+	b = append(b, value...)
+	b = append(b, "; Path=/kbs; Expires="...)
+	b = expires.UTC().AppendFormat(b, http.TimeFormat)
+	b = append(b, "; HttpOnly; SameSite=Strict"...)
+	return string(b)
 }

@@ -125,7 +125,11 @@ func (d *snpDevice) GetRawQuote(rd [64]byte) ([]byte, error) {
 	}
 	var resp labi.SnpReportRespABI
 	copy(resp.Data[:], raw) // unsigned: the fake device signs it
-	d.Device.ReportDataRsp[hex.EncodeToString(rd[:])] = &sevtest.GetReportResponse{Resp: resp}
+	key := hex.EncodeToString(rd[:])
+	d.Device.ReportDataRsp[key] = &sevtest.GetReportResponse{Resp: resp}
+	// One answer per report data: drop it once signed, or a guest that
+	// runs many handshakes keeps every report it ever made.
+	defer delete(d.Device.ReportDataRsp, key)
 	return d.QuoteProvider.GetRawQuote(rd)
 }
 

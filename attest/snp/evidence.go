@@ -1,11 +1,11 @@
 package snp
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 
+	"github.com/cwrun/cwrun/attest/internal/jsonx"
 	"github.com/google/go-sev-guest/abi"
 	"github.com/google/uuid"
 )
@@ -62,15 +62,10 @@ func parseEvidence(data []byte) (*evidence, []byte, error) {
 		return nil, nil, fmt.Errorf("evidence is %d bytes, more than %d", len(data), maxEvidence)
 	}
 	var ev evidence
-	dec := json.NewDecoder(bytes.NewReader(data))
 	// A field cwrun does not know might be one the signature covers:
 	// refuse it by name rather than fail later with a bad signature.
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&ev); err != nil {
+	if err := ev.read(jsonx.NewReader(data)); err != nil {
 		return nil, nil, fmt.Errorf("not Trustee snp evidence: %w", err)
-	}
-	if dec.More() {
-		return nil, nil, errors.New("not Trustee snp evidence: trailing data after the JSON object")
 	}
 	if ev.Report == nil {
 		return nil, nil, errors.New("not Trustee snp evidence: no attestation_report")
@@ -134,5 +129,5 @@ func evidenceFromQuote(quote []byte) ([]byte, error) {
 			ev.CertChain = append(ev.CertChain, certEntry{Type: t, Data: e.RawCert})
 		}
 	}
-	return json.Marshal(ev)
+	return ev.appendJSON(make([]byte, 0, 4*(abi.ReportSize+len(quote)))), nil
 }

@@ -10,6 +10,18 @@
 // the commit record reached the server's WAL on disk. A kill -9 of the
 // broker therefore cannot lose it: the broker holds nothing the server
 // has not already made durable.
+//
+// Nonce inserts, the hot path (one per handshake), are the exception,
+// as in the SQLite store: they run on connections with
+// synchronous_commit=off, so their commit is acknowledged once it is in
+// the server's WAL buffers, without waiting for the disk. A kill -9 of
+// the broker still loses nothing (the server has the commit); a crash
+// of the PostgreSQL server or its machine can lose the last few hundred
+// milliseconds of spent nonces (until the WAL writer's next flush),
+// which reopens a replay window for nonces that expire within minutes
+// anyway, and a replayed attestation still only yields a token bound to
+// the original guest's TEE key. Everything else (workloads, resources,
+// policies) keeps the server's full durability.
 package postgres
 
 import (
@@ -84,9 +96,12 @@ func SchemaVersion() int { return len(migrations) }
 // Store is the PostgreSQL store. It implements store.Store and
 // store.Pruner.
 type Store struct {
-	pool  *pgxpool.Pool
-	prune *prune.Trigger
-	now   func() time.Time
+	pool *pgxpool.Pool
+	// nonces is a pool of connections with synchronous_commit=off, for
+	// UseNonce only (see the package documentation).
+	nonces *pgxpool.Pool
+	prune  *prune.Trigger
+	now    func() time.Time
 }
 
 var (
@@ -120,6 +135,16 @@ func Open(ctx context.Context, url string) (*Store, error) {
 		pool.Close()
 		return nil, fmt.Errorf("open postgres store %s: %w", where, ctxErr(ctx, err))
 	}
+	ncfg := cfg.Copy()
+	ncfg.ConnConfig.RuntimeParams["synchronous_commit"] = "off"
+	// Commits that do not wait for the disk take a connection only for
+	// a round trip: half the main pool serves as many handshakes.
+	ncfg.MaxConns = max(2, cfg.MaxConns/2)
+	ncfg.MinConns = 0
+	if s.nonces, err = pgxpool.NewWithConfig(ctx, ncfg); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("open postgres store %s: nonce pool: %w", where, ctxErr(ctx, err))
+	}
 	s.prune = prune.New(pruneEvery, s.backgroundPrune)
 	return s, nil
 }
@@ -137,6 +162,7 @@ func redact(raw string) string {
 // Close stops the background prune and closes the pool.
 func (s *Store) Close() error {
 	s.prune.Close()
+	s.nonces.Close()
 	s.pool.Close()
 	return nil
 }
@@ -367,7 +393,7 @@ func (s *Store) UseNonce(ctx context.Context, nonce string, expires time.Time) e
 	if err := store.CheckExpiry(expires, now); err != nil {
 		return err
 	}
-	tag, err := s.pool.Exec(ctx, `INSERT INTO nonces (nonce, expires) VALUES ($1, $2)
+	tag, err := s.nonces.Exec(ctx, `INSERT INTO nonces (nonce, expires) VALUES ($1, $2)
 		ON CONFLICT (nonce) DO UPDATE SET expires = EXCLUDED.expires WHERE nonces.expires <= $3`,
 		nonce, expires, now)
 	if err == nil {

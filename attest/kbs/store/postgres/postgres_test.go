@@ -1,6 +1,8 @@
 package postgres
 
 import (
+	"github.com/jackc/pgx/v5"
+
 	"context"
 	"errors"
 	"fmt"
@@ -206,5 +208,28 @@ func TestBackgroundPrune(t *testing.T) {
 			t.Fatalf("%d nonces left 10s after the triggering insert, want 1 (the live one)", n)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestNonceCommitMode: nonce inserts commit without waiting for the
+// disk, everything else with the server's full durability.
+func TestNonceCommitMode(t *testing.T) {
+	s := openFresh(t)
+	defer s.Close()
+	ctx := context.Background()
+	for _, c := range []struct {
+		pool string
+		q    interface {
+			QueryRow(context.Context, string, ...any) pgx.Row
+		}
+		want string
+	}{{"main", s.pool, "on"}, {"nonce", s.nonces, "off"}} {
+		var got string
+		if err := c.q.QueryRow(ctx, `SHOW synchronous_commit`).Scan(&got); err != nil {
+			t.Fatal(err)
+		}
+		if got != c.want {
+			t.Errorf("%s pool: synchronous_commit = %s, want %s", c.pool, got, c.want)
+		}
 	}
 }

@@ -22,6 +22,16 @@
 // use a separate pool of query-only connections: WAL readers neither
 // block the writer nor wait for it. busy_timeout covers another process
 // (an admin command) holding the write lock for a moment.
+//
+// Group commit. Nonce inserts arrive concurrently, one per handshake,
+// and a commit costs several times an insert (WAL frames written, locks
+// taken and dropped). One goroutine per store takes every insert queued
+// while the previous commit ran and commits them as one transaction;
+// each UseNonce returns once the commit holding its insert is done, so
+// it is exactly as durable as a commit of its own. A caller whose
+// context ends first stops waiting (its insert may still commit, which
+// only spends a nonce nobody will answer; one whose context ended
+// while the batch waited for the write lock is left out).
 package sqlite
 
 import (
@@ -35,6 +45,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cwrun/cwrun/attest/kbs/store"
@@ -95,6 +106,82 @@ type Store struct {
 	r     *sql.DB // query-only readers
 	prune *prune.Trigger
 	now   func() time.Time
+	st    stmts
+
+	nonces    chan *nonceReq // to the committer
+	closing   chan struct{}  // closed by Close: the committer stops
+	closeOnce sync.Once
+	done      chan struct{} // closed by the committer when it stopped
+}
+
+// nonceReq is one UseNonce waiting for its group commit.
+type nonceReq struct {
+	ctx          context.Context
+	nonce        string
+	expires, now int64 // Unix microseconds
+	result       chan error
+}
+
+const (
+	// maxNonceBatch bounds one group commit, so the write lock is held
+	// for a bounded time and an admin write waits little behind it.
+	maxNonceBatch = 128
+	// nonceQueue is how many inserts may wait for the committer; more
+	// wait to enter the queue, honouring their contexts.
+	nonceQueue = 1024
+)
+
+// stmts are the statements every handshake runs, prepared once.
+// Parsing SQL costs SQLite more than running these statements does
+// (about 100 µs a handshake, before they were kept); a *sql.Stmt keeps
+// the compiled statement on each connection that ran it, and the
+// driver resets rather than finalizes it between runs.
+type stmts struct {
+	useNonce, pruneNonces      *sql.Stmt // writer
+	workload, resource, policy *sql.Stmt // readers
+}
+
+const (
+	sqlUseNonce = `INSERT INTO nonces (nonce, expires) VALUES (?, ?)
+		ON CONFLICT (nonce) DO UPDATE SET expires = excluded.expires WHERE nonces.expires <= ?`
+	sqlPruneNonces = `DELETE FROM nonces WHERE nonce IN
+		(SELECT nonce FROM nonces WHERE expires <= ? LIMIT ?)`
+	sqlWorkload = `SELECT ` + workloadColumns + ` FROM workloads WHERE id = ?`
+	sqlResource = `SELECT sealed FROM resources WHERE path = ?`
+	sqlPolicy   = `SELECT rego FROM policies WHERE name = ?`
+)
+
+// prepare makes s.stmts; on failure it closes what it made.
+func (s *Store) prepare(ctx context.Context) error {
+	var err error
+	prep := func(db *sql.DB, q string) *sql.Stmt {
+		if err != nil {
+			return nil
+		}
+		var st *sql.Stmt
+		st, err = db.PrepareContext(ctx, q)
+		return st
+	}
+	s.st.useNonce = prep(s.w, sqlUseNonce)
+	s.st.pruneNonces = prep(s.w, sqlPruneNonces)
+	s.st.workload = prep(s.r, sqlWorkload)
+	s.st.resource = prep(s.r, sqlResource)
+	s.st.policy = prep(s.r, sqlPolicy)
+	if err != nil {
+		s.closeStmts()
+		return fmt.Errorf("prepare statements: %w", err)
+	}
+	return nil
+}
+
+func (s *Store) closeStmts() error {
+	var errs []error
+	for _, st := range []*sql.Stmt{s.st.useNonce, s.st.pruneNonces, s.st.workload, s.st.resource, s.st.policy} {
+		if st != nil {
+			errs = append(errs, st.Close())
+		}
+	}
+	return errors.Join(errs...)
 }
 
 var (
@@ -168,7 +255,16 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		return nil, fmt.Errorf("open sqlite store %s: %w", abs, err)
 	}
 	s.r = r
+	if err := s.prepare(ctx); err != nil {
+		_ = r.Close()
+		_ = w.Close()
+		return nil, fmt.Errorf("open sqlite store %s: %w", abs, err)
+	}
 	s.prune = prune.New(pruneEvery, s.backgroundPrune)
+	s.nonces = make(chan *nonceReq, nonceQueue)
+	s.closing = make(chan struct{})
+	s.done = make(chan struct{})
+	go s.commitNonces()
 	return s, nil
 }
 
@@ -181,11 +277,14 @@ func dsn(abs string, q url.Values) string {
 // Path is the absolute path of the database file.
 func (s *Store) Path() string { return s.path }
 
-// Close stops the background prune and closes the database; the last
-// connection's close checkpoints the WAL into the main file.
+// Close stops the nonce committer and the background prune and closes
+// the database; the last connection's close checkpoints the WAL into
+// the main file.
 func (s *Store) Close() error {
+	s.closeOnce.Do(func() { close(s.closing) })
+	<-s.done
 	s.prune.Close()
-	return errors.Join(s.r.Close(), s.w.Close())
+	return errors.Join(s.closeStmts(), s.r.Close(), s.w.Close())
 }
 
 func (s *Store) migrate(ctx context.Context) error {
@@ -304,9 +403,26 @@ func (s *Store) UpdateWorkload(ctx context.Context, w store.Workload) error {
 
 const workloadColumns = `id, tee, sealed_passphrase, refs, policy, cpus, memory_mib, created`
 
+// pointRead returns the context for a read of one row by its key. Such
+// a read takes microseconds and never waits for the writer (WAL), so it
+// is not made interruptible: the driver would start a goroutine per
+// statement to watch a cancellable context, which cost more than the
+// read. A context already done is refused; a read stuck behind another
+// process's exclusive lock waits at most busy_timeout.
+func pointRead(ctx context.Context) (context.Context, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return context.WithoutCancel(ctx), nil
+}
+
 // Workload implements store.Store.
 func (s *Store) Workload(ctx context.Context, id string) (store.Workload, error) {
-	w, err := scanWorkload(s.r.QueryRowContext(ctx, `SELECT `+workloadColumns+` FROM workloads WHERE id = ?`, id))
+	rctx, err := pointRead(ctx)
+	if err != nil {
+		return store.Workload{}, fmt.Errorf("workload %s: %w", id, err)
+	}
+	w, err := scanWorkload(s.st.workload.QueryRowContext(rctx, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		err = store.ErrNotFound
 	}
@@ -389,8 +505,12 @@ func (s *Store) SetResource(ctx context.Context, path string, sealed []byte) err
 
 // Resource implements store.Store.
 func (s *Store) Resource(ctx context.Context, path string) ([]byte, error) {
+	rctx, err := pointRead(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("resource %s: %w", path, err)
+	}
 	var sealed []byte
-	err := s.r.QueryRowContext(ctx, `SELECT sealed FROM resources WHERE path = ?`, path).Scan(&sealed)
+	err = s.st.resource.QueryRowContext(rctx, path).Scan(&sealed)
 	if errors.Is(err, sql.ErrNoRows) {
 		err = store.ErrNotFound
 	}
@@ -438,8 +558,12 @@ func (s *Store) SetPolicy(ctx context.Context, name, rego string) error {
 
 // Policy implements store.Store.
 func (s *Store) Policy(ctx context.Context, name string) (string, error) {
+	rctx, err := pointRead(ctx)
+	if err != nil {
+		return "", fmt.Errorf("policy %s: %w", name, err)
+	}
 	var rego string
-	err := s.r.QueryRowContext(ctx, `SELECT rego FROM policies WHERE name = ?`, name).Scan(&rego)
+	err = s.st.policy.QueryRowContext(rctx, name).Scan(&rego)
 	if errors.Is(err, sql.ErrNoRows) {
 		err = store.ErrNotFound
 	}
@@ -449,9 +573,9 @@ func (s *Store) Policy(ctx context.Context, name string) (string, error) {
 	return rego, nil
 }
 
-// UseNonce implements store.Store. It is one autocommit statement on
-// the writer: a new nonce is inserted, an expired entry is taken over,
-// a live one changes nothing and is reported as a replay.
+// UseNonce implements store.Store. The insert joins the next group
+// commit: a new nonce is inserted, an expired entry is taken over, a
+// live one changes nothing and is reported as a replay.
 func (s *Store) UseNonce(ctx context.Context, nonce string, expires time.Time) error {
 	if err := store.CheckText("nonce", nonce); err != nil {
 		return fmt.Errorf("use nonce: %w", err)
@@ -460,17 +584,124 @@ func (s *Store) UseNonce(ctx context.Context, nonce string, expires time.Time) e
 	if err := store.CheckExpiry(expires, now); err != nil {
 		return err
 	}
-	res, err := s.w.ExecContext(ctx, `INSERT INTO nonces (nonce, expires) VALUES (?, ?)
-		ON CONFLICT (nonce) DO UPDATE SET expires = excluded.expires WHERE nonces.expires <= ?`,
-		nonce, expires.UnixMicro(), now.UnixMicro())
-	if err == nil {
-		err = affected(res, store.ErrReplay)
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("use nonce: %w", err)
+	}
+	errClosed := errors.New("use nonce: the store is closed")
+	select {
+	case <-s.closing:
+		return errClosed
+	default:
+	}
+	req := &nonceReq{ctx: ctx, nonce: nonce, expires: expires.UnixMicro(), now: now.UnixMicro(), result: make(chan error, 1)}
+	select {
+	case s.nonces <- req:
+	case <-s.closing:
+		return errClosed
+	case <-ctx.Done():
+		return fmt.Errorf("use nonce: %w", ctx.Err())
+	}
+	var err error
+	select {
+	case err = <-req.result:
+	case <-s.done:
+		// The committer stopped; it answered what it took from the
+		// queue, and nothing else will be.
+		select {
+		case err = <-req.result:
+		default:
+			return errClosed
+		}
+	case <-ctx.Done():
+		return fmt.Errorf("use nonce: %w", ctx.Err())
 	}
 	if err != nil {
 		return fmt.Errorf("use nonce: %w", err)
 	}
 	s.prune.Tick()
 	return nil
+}
+
+// commitNonces is the committer: it runs until Close, committing what
+// the queue holds each time it looks.
+func (s *Store) commitNonces() {
+	defer close(s.done)
+	batch := make([]*nonceReq, 0, maxNonceBatch)
+	for {
+		select {
+		case <-s.closing:
+			// Answer whoever is still queued; UseNonce callers also
+			// watch closing, but one may have queued just before.
+			for {
+				select {
+				case r := <-s.nonces:
+					r.result <- errors.New("the store is closed")
+				default:
+					return
+				}
+			}
+		case r := <-s.nonces:
+			batch = append(batch[:0], r)
+		}
+	fill:
+		for len(batch) < maxNonceBatch {
+			select {
+			case r := <-s.nonces:
+				batch = append(batch, r)
+			default:
+				break fill
+			}
+		}
+		s.commitBatch(batch)
+		clear(batch)
+	}
+}
+
+// commitBatch inserts batch in one IMMEDIATE transaction and answers
+// each request: nil, store.ErrReplay, its own statement's error, or the
+// commit's error for all. Requests whose caller has given up are left
+// out, so their nonces stay unspent.
+func (s *Store) commitBatch(batch []*nonceReq) {
+	live := batch[:0]
+	for _, r := range batch {
+		if err := r.ctx.Err(); err != nil {
+			r.result <- err
+			continue
+		}
+		live = append(live, r)
+	}
+	if len(live) == 0 {
+		return
+	}
+	// The batch is everyone's: no single caller's context may cut it
+	// short. busy_timeout bounds the wait for another process's lock.
+	ctx := context.Background()
+	results := make([]error, len(live))
+	err := s.write(ctx, false, func(tx *sql.Tx) error {
+		st := tx.StmtContext(ctx, s.st.useNonce)
+		defer st.Close()
+		for i, r := range live {
+			// The wait for the write lock may have outlasted the
+			// caller: leave its nonce unspent.
+			if err := r.ctx.Err(); err != nil {
+				results[i] = err
+				continue
+			}
+			res, err := st.ExecContext(ctx, r.nonce, r.expires, r.now)
+			if err == nil {
+				err = affected(res, store.ErrReplay)
+			}
+			results[i] = err
+		}
+		return nil
+	})
+	for i, r := range live {
+		if err != nil {
+			r.result <- err
+		} else {
+			r.result <- results[i]
+		}
+	}
 }
 
 // PruneNonces implements store.Pruner.
@@ -481,8 +712,7 @@ func (s *Store) PruneNonces(ctx context.Context, now time.Time) (int64, error) {
 func (s *Store) pruneNonces(ctx context.Context, now time.Time, stopped func() bool) (int64, error) {
 	var total int64
 	for !stopped() {
-		res, err := s.w.ExecContext(ctx, `DELETE FROM nonces WHERE nonce IN
-			(SELECT nonce FROM nonces WHERE expires <= ? LIMIT ?)`, now.UnixMicro(), pruneBatch)
+		res, err := s.st.pruneNonces.ExecContext(ctx, now.UnixMicro(), pruneBatch)
 		if err != nil {
 			return total, fmt.Errorf("prune nonces: %w", err)
 		}

@@ -327,3 +327,64 @@ func TestBackgroundPrune(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestUseNonceAfterClose: the group committer is gone after Close, and
+// UseNonce says so rather than hanging.
+func TestUseNonceAfterClose(t *testing.T) {
+	s := openTemp(t)
+	if err := s.UseNonce(context.Background(), "before", time.Now().Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.UseNonce(context.Background(), "after", time.Now().Add(time.Minute)) }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "closed") {
+			t.Errorf("UseNonce after Close = %v, want a closed-store error", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("UseNonce after Close hangs")
+	}
+}
+
+// TestGroupCommitBatches: concurrent inserts share commits, and each
+// caller still learns its own outcome (one replay among duplicates).
+func TestGroupCommitBatches(t *testing.T) {
+	s := openTemp(t)
+	defer s.Close()
+	ctx := context.Background()
+	exp := time.Now().Add(time.Minute)
+	const n = 500
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		ok      = map[string]int{}
+		replays = map[string]int{}
+	)
+	for i := range n {
+		wg.Go(func() {
+			nonce := fmt.Sprintf("g-%d", i/2) // every nonce twice
+			err := s.UseNonce(ctx, nonce, exp)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				ok[nonce]++
+			case errors.Is(err, store.ErrReplay):
+				replays[nonce]++
+			default:
+				t.Errorf("UseNonce(%s): %v", nonce, err)
+			}
+		})
+	}
+	wg.Wait()
+	for i := range n / 2 {
+		nonce := fmt.Sprintf("g-%d", i)
+		if ok[nonce] != 1 || replays[nonce] != 1 {
+			t.Errorf("nonce %s used twice at once: %d accepted, %d replays; want 1 and 1", nonce, ok[nonce], replays[nonce])
+		}
+	}
+}

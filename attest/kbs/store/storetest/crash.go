@@ -30,7 +30,8 @@ const (
 	// crashAcks is how many acknowledged writes the parent waits for
 	// before it kills the child.
 	crashAcks = 200
-	// crashWriters is how many goroutines of the child write at once.
+	// crashWriters is how many goroutines of the child write at once;
+	// as many again spend nonces.
 	crashWriters = 8
 	// crashChildLimit stops a child whose parent never kills it.
 	crashChildLimit = 60 * time.Second
@@ -39,15 +40,16 @@ const (
 // OpenFunc opens the store named by target (a path or URL).
 type OpenFunc func(ctx context.Context, target string) (store.Store, error)
 
-// CrashTest checks that an acknowledged AddWorkload survives a kill -9
-// of the writing process. It re-runs the test binary, restricted to
-// the calling test, with the target in the environment: in that child
-// CrashTest opens the store and adds workloads from several goroutines
-// as fast as it can, printing each ID only after AddWorkload returned
-// nil. The parent kills the child with SIGKILL after crashAcks
-// acknowledgements, mid-burst, reopens the store and checks that every
-// acknowledged workload is there and intact and that the store still
-// lists and writes.
+// CrashTest checks that an acknowledged AddWorkload or UseNonce
+// survives a kill -9 of the writing process. It re-runs the test
+// binary, restricted to the calling test, with the target in the
+// environment: in that child CrashTest opens the store, adds workloads
+// and spends nonces from several goroutines as fast as it can, printing
+// each ID only after the call returned nil. The parent kills the child
+// with SIGKILL once it has seen crashAcks acknowledgements of each
+// kind, mid-burst, reopens the store and checks that every acknowledged
+// workload is there and intact, that every acknowledged nonce is spent
+// (a replay), and that the store still lists and writes.
 //
 // newTarget makes a fresh target in the parent (for example a path in
 // t.TempDir or a new PostgreSQL database); the child never calls it.
@@ -87,15 +89,18 @@ func CrashTest(t *testing.T, newTarget func(t *testing.T) string, open OpenFunc)
 		t.Fatalf("start child %s: %v", os.Args[0], err)
 	}
 	acked := map[string]bool{}
+	var ackedNonces []string
 	killed := false
 	sc := bufio.NewScanner(stdout)
 	for sc.Scan() {
-		id, ok := strings.CutPrefix(sc.Text(), "ACK ")
-		if !ok {
+		if n, ok := strings.CutPrefix(sc.Text(), "NONCE "); ok {
+			ackedNonces = append(ackedNonces, n)
+		} else if id, ok := strings.CutPrefix(sc.Text(), "ACK "); ok {
+			acked[id] = true
+		} else {
 			continue // the test framework's own output
 		}
-		acked[id] = true
-		if len(acked) >= crashAcks && !killed {
+		if len(acked) >= crashAcks && len(ackedNonces) >= crashAcks && !killed {
 			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
 				t.Fatalf("kill child: %v", err)
 			}
@@ -114,7 +119,7 @@ func CrashTest(t *testing.T, newTarget func(t *testing.T) string, open OpenFunc)
 	if ws, ok := exitErr.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
 		t.Fatalf("child ended with %v, want death by SIGKILL\nstderr:\n%s", werr, stderr.String())
 	}
-	t.Logf("child killed after %d acknowledged writes", len(acked))
+	t.Logf("child killed after %d acknowledged workloads and %d nonces", len(acked), len(ackedNonces))
 
 	s, err = open(context.Background(), target)
 	if err != nil {
@@ -156,6 +161,34 @@ func CrashTest(t *testing.T, newTarget func(t *testing.T) string, open OpenFunc)
 		t.Fatalf("%d of %d acknowledged workloads lost", lost, len(acked))
 	}
 	t.Logf("%d acknowledged, %d stored", len(acked), len(ws))
+
+	// Every acknowledged nonce is spent: using it again is a replay.
+	var (
+		lostNonces atomic.Int64
+		nwg        sync.WaitGroup
+		nexti      atomic.Int64
+	)
+	exp := time.Now().Add(time.Hour)
+	for range crashWriters {
+		nwg.Go(func() {
+			for {
+				i := int(nexti.Add(1) - 1)
+				if i >= len(ackedNonces) {
+					return
+				}
+				err := s.UseNonce(context.Background(), ackedNonces[i], exp)
+				if !errors.Is(err, store.ErrReplay) {
+					if lostNonces.Add(1) <= 10 {
+						t.Errorf("acknowledged nonce %s: UseNonce after kill -9 = %v, want ErrReplay (the nonce was lost)", ackedNonces[i], err)
+					}
+				}
+			}
+		})
+	}
+	nwg.Wait()
+	if n := lostNonces.Load(); n > 0 {
+		t.Fatalf("%d of %d acknowledged nonces lost", n, len(ackedNonces))
+	}
 
 	// The store still takes writes, including the IDs the child was
 	// writing when it died (unless they landed).
@@ -227,6 +260,29 @@ func crashChild(t *testing.T, target string, open OpenFunc) {
 				mu.Unlock()
 				if err != nil {
 					return // the parent is gone
+				}
+			}
+		}()
+	}
+	exp := time.Now().Add(time.Hour)
+	var nextNonce atomic.Int64
+	for g := 0; g < crashWriters; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				n := fmt.Sprintf("crash-nonce-%07d", nextNonce.Add(1))
+				if err := s.UseNonce(ctx, n, exp); err != nil {
+					if ctx.Err() == nil {
+						t.Errorf("child: UseNonce(%s): %v", n, err)
+					}
+					return
+				}
+				mu.Lock()
+				_, err := os.Stdout.WriteString("NONCE " + n + "\n")
+				mu.Unlock()
+				if err != nil {
+					return
 				}
 			}
 		}()
