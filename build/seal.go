@@ -41,9 +41,9 @@ type Options struct {
 	// fails the seal in a second and no image exists whose key nobody
 	// holds. undo takes the registration back if the seal then fails.
 	Register func(ctx context.Context, cfg sealed.Config, passphrase []byte) (undo func(context.Context) error, err error)
-	Slop           *Slop     // default DefaultSlop (25%)
-	AddFiles       []AddFile // extra files copied into the root file system
-	LUKS           int       // 1 or 2; default 2
+	Slop     *Slop     // default DefaultSlop (25%)
+	AddFiles []AddFile // extra files copied into the root file system
+	LUKS     int       // 1 or 2; default 2
 	// AllowOverrides lets `cwrun run` replace the sealed command and
 	// environment from the host. Default off.
 	AllowOverrides bool

@@ -44,7 +44,6 @@ const (
 // can rewrite the footer, never the encrypted disk.
 const LabelAllowOverrides = "io.cwrun.allow-overrides"
 
-
 // TEE names a trusted execution environment, as written in krun-sev.json.
 type TEE string
 
