@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/cwrun/cwrun/attest"
+	"github.com/cwrun/cwrun/attest/internal/atomicfile"
 	"github.com/google/go-sev-guest/abi"
 	"github.com/google/go-sev-guest/verify/trust"
 )
@@ -545,7 +546,7 @@ func (v *verifier) fetchVCEK(ctx context.Context, name string, hwid []byte, prod
 		der = pemOrDER(der)
 		v.log.InfoContext(ctx, "fetched a VCEK from AMD's key server", "url", url)
 		if v.opts.CacheDir != "" {
-			if err := writeAtomic(filepath.Join(v.opts.CacheDir, name), der); err != nil {
+			if err := atomicfile.Write(filepath.Join(v.opts.CacheDir, name), der, 0o644); err != nil {
 				v.log.WarnContext(ctx, "could not keep the VCEK in the cache folder; AMD will be asked again", "err", err)
 			}
 		}
@@ -560,24 +561,4 @@ func pemOrDER(data []byte) []byte {
 		return block.Bytes
 	}
 	return data
-}
-
-func writeAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".vcek-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cwrun/cwrun/attest/internal/atomicfile"
 	"github.com/google/go-tdx-guest/pcs"
 	"github.com/google/go-tdx-guest/verify/trust"
 )
@@ -115,7 +116,7 @@ func (c *collateralSource) Get(u string) (map[string][]string, []byte, error) {
 	if c.dir != "" {
 		chain, _ := url.QueryUnescape(r.header[header][0])
 		for file, data := range map[string][]byte{name: body, signingChain: []byte(chain)} {
-			if err := writeAtomic(filepath.Join(c.dir, file), data); err != nil {
+			if err := atomicfile.Write(filepath.Join(c.dir, file), data, 0o644); err != nil {
 				c.log.Warn("could not keep TDX collateral in its folder; PCS will be asked again", "file", file, "err", err)
 			}
 		}
@@ -161,24 +162,4 @@ func response(header string, h map[string][]string, body []byte) (cachedResponse
 		return cachedResponse{}, errors.New("not a PCS collateral document: no tcbInfo or enclaveIdentity with a nextUpdate")
 	}
 	return cachedResponse{header: map[string][]string{header: h[header]}, body: body, nextUpdate: next}, nil
-}
-
-func writeAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".collateral-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
