@@ -45,8 +45,8 @@ func (q QEMU) Path() (string, error) {
 
 // Args returns QEMU's argv (without the program) for spec.
 func Args(spec vm.Spec) ([]string, error) {
-	if spec.Kernel == "" || spec.Initrd == "" {
-		return nil, errors.New("qemu: a kernel and an initrd are required")
+	if spec.Firmware == nil && (spec.Kernel == "" || spec.Initrd == "") {
+		return nil, errors.New("qemu: a kernel and an initrd are required without firmware")
 	}
 	accel := "tcg"
 	if spec.Accel == vm.AccelKVM {
@@ -58,14 +58,37 @@ func Args(spec vm.Spec) ([]string, error) {
 		// monitor on stdio.
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-accel", accel,
-		// microvm hung in early boot under TCG here; pc boots.
-		"-M", "pc",
 		"-smp", strconv.Itoa(max(spec.CPUs, 1)),
 		"-m", strconv.Itoa(max(spec.MemoryMiB, 128)),
-		"-kernel", spec.Kernel,
-		"-initrd", spec.Initrd,
-		"-append", spec.Cmdline,
 		"-qmp", "unix:" + filepath.Join(spec.RunDir, "qmp.sock") + ",server=on,wait=off",
+	}
+	if fw := spec.Firmware; fw != nil {
+		if fw.Code == "" || fw.Vars == "" {
+			return nil, errors.New("qemu: firmware needs both a code and a variable store file")
+		}
+		// OVMF's 4 MiB builds want q35 (SMM-less builds boot on it
+		// without -global settings).
+		a = append(a, "-M", "q35",
+			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+escape(fw.Code),
+			"-drive", "if=pflash,format=raw,unit=1,file="+escape(fw.Vars))
+	} else {
+		// microvm hung in early boot under TCG here; pc boots.
+		a = append(a, "-M", "pc")
+	}
+	if spec.Kernel != "" {
+		a = append(a, "-kernel", spec.Kernel, "-initrd", spec.Initrd, "-append", spec.Cmdline)
+	}
+	if t := spec.TPM; t != nil {
+		switch {
+		case t.Socket != "":
+			a = append(a, "-chardev", "socket,id=chrtpm,path="+escape(t.Socket),
+				"-tpmdev", "emulator,id=tpm0,chardev=chrtpm")
+		case t.Device != "":
+			a = append(a, "-tpmdev", "passthrough,id=tpm0,path="+escape(t.Device))
+		default:
+			return nil, errors.New("qemu: a TPM needs an swtpm socket or a host device")
+		}
+		a = append(a, "-device", "tpm-crb,tpmdev=tpm0")
 	}
 	if accel == "kvm" {
 		a = append(a, "-cpu", "host")
@@ -92,7 +115,11 @@ func Args(spec vm.Spec) ([]string, error) {
 		if d.ReadOnly {
 			drive += ",readonly=on"
 		}
-		a = append(a, "-drive", drive, "-device", fmt.Sprintf("virtio-blk-pci,drive=disk%d", i))
+		dev := fmt.Sprintf("virtio-blk-pci,drive=disk%d", i)
+		if d.Boot {
+			dev += ",bootindex=0"
+		}
+		a = append(a, "-drive", drive, "-device", dev)
 	}
 	if len(spec.Ports) > 0 {
 		a = append(a, "-device", "virtio-serial-pci,id=vser0")

@@ -1,7 +1,9 @@
 package qemu
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -69,6 +71,26 @@ func TestArgs(t *testing.T) {
 			"-chardev": {"socket,id=vfs0,path=/run/x/vfs0.sock"},
 			"-device":  {"vhost-user-fs-pci,chardev=vfs0,tag=cwrun0"},
 		}, nil},
+		{"uefi with a swtpm and a direct kernel boot", func(s *vm.Spec) {
+			s.Firmware = &vm.Firmware{Code: "/fw/code.fd", Vars: "/run/x/vars.fd"}
+			s.TPM = &vm.TPM{Socket: "/run/x/tpm.sock"}
+		}, map[string][]string{
+			"-M":       {"q35"},
+			"-drive":   {"if=pflash,format=raw,unit=0,readonly=on,file=/fw/code.fd", "if=pflash,format=raw,unit=1,file=/run/x/vars.fd"},
+			"-kernel":  {"/k"},
+			"-chardev": {"socket,id=chrtpm,path=/run/x/tpm.sock"},
+			"-tpmdev":  {"emulator,id=tpm0,chardev=chrtpm"},
+			"-device":  {"tpm-crb,tpmdev=tpm0"},
+		}, nil},
+		{"uefi disk boot with the host tpm", func(s *vm.Spec) {
+			s.Kernel, s.Initrd, s.Cmdline = "", "", ""
+			s.Firmware = &vm.Firmware{Code: "/fw/code.fd", Vars: "/run/x/vars.fd"}
+			s.TPM = &vm.TPM{Device: "/dev/tpm0"}
+			s.Disks = []vm.Disk{{Path: "/d.qcow2", Format: "qcow2", Boot: true, Snapshot: true}}
+		}, map[string][]string{
+			"-tpmdev": {"passthrough,id=tpm0,path=/dev/tpm0"},
+			"-device": {"tpm-crb,tpmdev=tpm0", "virtio-blk-pci,drive=disk0,bootindex=0"},
+		}, []string{"-kernel", "-initrd", "-append"}},
 		{"9p share", func(s *vm.Spec) {
 			s.Shares = []vm.Share{{Tag: "s", HostPath: "/data", ReadOnly: true, FS: vm.FS9p}}
 		}, map[string][]string{
@@ -97,6 +119,12 @@ func TestArgs(t *testing.T) {
 	}
 	if _, err := Args(vm.Spec{Initrd: "/i"}); err == nil {
 		t.Error("a spec without a kernel was accepted")
+	}
+	if _, err := Args(vm.Spec{Firmware: &vm.Firmware{Code: "/c"}}); err == nil {
+		t.Error("firmware without a variable store was accepted")
+	}
+	if _, err := Args(vm.Spec{Kernel: "/k", Initrd: "/i", TPM: &vm.TPM{}}); err == nil {
+		t.Error("a TPM with neither socket nor device was accepted")
 	}
 	if _, err := Args(vm.Spec{Kernel: "/k", Initrd: "/i", Shares: []vm.Share{{Tag: "x", FS: "nfs"}}}); err == nil {
 		t.Error("an unknown share file system was accepted")
@@ -215,5 +243,30 @@ func TestStartFailsClearly(t *testing.T) {
 	_, err := QEMU{}.Start(context.Background(), spec)
 	if err == nil || !strings.Contains(err.Error(), "qemu exited at start") || !strings.Contains(err.Error(), "/nonexistent/vmlinuz") {
 		t.Fatalf("error %v", err)
+	}
+}
+
+func TestOVMF(t *testing.T) {
+	dir := t.TempDir()
+	fw, err := OVMF(dir)
+	if errors.Is(err, ErrNoFirmware) {
+		t.Skip("needs Debian's ovmf package")
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(fw.Vars) != dir {
+		t.Errorf("variable store %s is not the machine's own copy in %s", fw.Vars, dir)
+	}
+	tmpl, err := os.ReadFile(strings.Replace(fw.Code, "CODE", "VARS", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(fw.Vars)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, tmpl) {
+		t.Errorf("the copy of the variable store differs from its template")
 	}
 }

@@ -14,10 +14,19 @@ import (
 
 // Spec is the machine a guest needs. Paths are host paths.
 type Spec struct {
-	Name      string // for messages and process titles
-	Kernel    string
-	Initrd    string
-	Cmdline   string
+	Name string // for messages and process titles
+	// Kernel, Initrd and Cmdline are a direct kernel boot. They may be
+	// empty only with Firmware, which then boots from the disks.
+	Kernel  string
+	Initrd  string
+	Cmdline string
+	// Firmware, when set, boots through UEFI firmware on a q35 machine
+	// (with a direct kernel boot the firmware loads and measures the
+	// kernel, initrd and command line); nil: QEMU's own direct boot on
+	// a pc machine, the fastest.
+	Firmware *Firmware
+	// TPM, when set, gives the guest a TPM 2.0 (CRB interface).
+	TPM       *TPM
 	CPUs      int
 	MemoryMiB int
 	Accel     Accel
@@ -35,10 +44,31 @@ type Spec struct {
 	RunDir string
 }
 
+// Firmware is a UEFI firmware image pair (OVMF).
+type Firmware struct {
+	// Code is the read-only code volume (OVMF_CODE_4M.fd).
+	Code string
+	// Vars is this machine's own copy of the variable store, which the
+	// firmware writes; never the distribution's template.
+	Vars string
+}
+
+// TPM is the guest's TPM 2.0: a software TPM or the host's own.
+type TPM struct {
+	// Socket is the control socket of a running swtpm
+	// (`swtpm socket --ctrl type=unixio,path=...`), which QEMU drives.
+	Socket string
+	// Device is a host TPM character device passed through (/dev/tpm0);
+	// used when Socket is empty.
+	Device string
+}
+
 // Disk is a block device of the guest, in order (vda, vdb, ...).
 type Disk struct {
 	Path   string
 	Format string // "raw" or "qcow2"
+	// Boot makes the firmware try this disk first (Firmware boots).
+	Boot bool
 	// Snapshot sends the guest's writes to a throw-away overlay: the
 	// file itself is never written (sealed disks stay pristine).
 	Snapshot bool
