@@ -41,6 +41,17 @@ func newSealedImage(src *images.Source, res *Result, opts Options, created time.
 	if opts.TEE == sealed.TEESNP {
 		ann[sealed.KrunVariant] = "sev" // crun picks libkrun-sev by it
 	}
+	// OCI's base-image annotations name the source, so that `cwrun push
+	// --artifact` can hang the disk on it as a referrer. Only a registry
+	// name says where that is; an oci: folder has none.
+	if src.Ref != nil {
+		if named := src.Ref.DockerReference(); named != nil {
+			ann[imgspecv1.AnnotationBaseImageName] = named.String()
+			if len(src.Manifest) > 0 {
+				ann[imgspecv1.AnnotationBaseImageDigest] = digest.FromBytes(src.Manifest).String()
+			}
+		}
+	}
 	return sealedImage{arch: arch, created: created, tee: opts.TEE, ann: ann}
 }
 

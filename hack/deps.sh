@@ -20,12 +20,15 @@ set -euo pipefail
 #   postgresql: the broker's shared store, started for real by its tests
 #   tpm2-tools: reading the vTPM by hand when a measured-boot test fails
 #   time: GNU time, for the benchmark's peak memory
+#   dosfstools, mtools: cwrun's cloud-init seeds (run --disk --cloud-init), the test disk's ESP
+#   systemd-boot-efi, binutils: the test disk's unified kernel image (stub + objcopy)
 packages=(
 	e2fsprogs cryptsetup-bin python3 python3-cryptography busybox-static
 	podman skopeo uidmap fuse-overlayfs
 	qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools
 	docker-registry debootstrap cpio time ca-certificates
 	postgresql tpm2-tools
+	dosfstools mtools systemd-boot-efi binutils
 )
 
 missing=()

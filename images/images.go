@@ -4,8 +4,10 @@
 // dir:), bare names resolved against local storage first and then the
 // registries of registries.conf, with policy.json and auth.json honoured.
 //
-// It is the only package of cwrun (tests aside) that imports c/image and
-// c/storage; the guest must never import it.
+// It and package artifact (VM disks and OCI artifacts, which c/image
+// fetches but whose referrers it cannot list) are the only packages of
+// cwrun, tests aside, that import c/image and c/storage; the guest must
+// never import either.
 package images
 
 import (

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cwrun/cwrun/internal/testimage"
+	digest "github.com/opencontainers/go-digest"
 )
 
 // startRegistry runs Debian's docker-registry (distribution) on a free
@@ -63,7 +64,10 @@ func TestSealThroughRegistry(t *testing.T) {
 		t.Fatalf("cwrun build: exit %d\n%s", r.code, r.stderr)
 	}
 	out := mustRun(t, "skopeo", "inspect", "--raw", "--tls-verify=false", "docker://"+reg+"/app:sealed")
-	for _, want := range []string{`"io.cwrun.sealed":"true"`, `"io.cwrun.tee":"tdx"`, "application/vnd.oci.image.layer.v1.tar\""} {
+	src := mustRun(t, "skopeo", "inspect", "--raw", "--tls-verify=false", "docker://"+reg+"/app:v1")
+	base := fmt.Sprintf(`"org.opencontainers.image.base.digest":"%s"`, digest.FromString(src))
+	for _, want := range []string{`"io.cwrun.sealed":"true"`, `"io.cwrun.tee":"tdx"`, "application/vnd.oci.image.layer.v1.tar\"",
+		`"org.opencontainers.image.base.name":"` + reg + `/app:v1"`, base} {
 		if !strings.Contains(out, want) {
 			t.Errorf("pushed manifest lacks %s:\n%s", want, out)
 		}

@@ -24,6 +24,7 @@ type runOpts struct {
 	env, publish, vols []string
 	stdin, rm          bool
 	opts               launcher.Options
+	disk               diskOpts // --disk: a whole VM disk (run_disk.go)
 }
 
 func newRunCmd(g *globalOpts) *cobra.Command {
@@ -52,8 +53,14 @@ cwrun exits with the workload's exit status (128+N when signal N ended
 it), or 125 when cwrun itself failed. SIGINT or SIGTERM sends SIGTERM to the workload; the VM is killed
 --stop-timeout later, or at a second signal.`,
 		Args: cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error { return runRun(cmd, g, o, args) },
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if o.disk.active() {
+				return runDisk(cmd, g, o, args)
+			}
+			return runRun(cmd, g, o, args)
+		},
 	}
+	addDiskFlags(cmd, &o.disk) // also relaxes Args: --disk --referrer-of takes no argument
 	f := cmd.Flags()
 	f.SetInterspersed(false) // flags after IMAGE belong to COMMAND
 	f.StringVar(&o.passFile, "passphrase-file", "", "read the disk passphrase from this file (development mode: no key broker, the host knows the key)")

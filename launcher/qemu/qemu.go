@@ -98,9 +98,12 @@ func Args(spec vm.Spec) ([]string, error) {
 		a = append(a, "-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", max(spec.MemoryMiB, 128)),
 			"-numa", "node,memdev=mem")
 	}
-	if spec.Console != "" {
+	switch {
+	case spec.ConsoleSocket != "":
+		a = append(a, "-chardev", "socket,id=console,path="+escape(spec.ConsoleSocket)+",server=on,wait=off", "-serial", "chardev:console")
+	case spec.Console != "":
 		a = append(a, "-chardev", "file,id=console,path="+spec.Console, "-serial", "chardev:console")
-	} else {
+	default:
 		a = append(a, "-serial", "none")
 	}
 	for i, d := range spec.Disks {
@@ -328,7 +331,20 @@ func (q QEMU) Start(ctx context.Context, spec vm.Spec) (vm.Machine, error) {
 // run on the main loop, which starts once the machine is built (kernel
 // and initrd loaded).
 func (m *machine) waitRunning(timeout time.Duration) error {
+	// The socket file exists from QEMU's bind, but connections are
+	// refused until its listen: a loaded host can preempt QEMU between
+	// the two.
+	deadline := time.Now().Add(timeout)
 	conn, err := net.DialTimeout("unix", m.qmp, timeout)
+	for errors.Is(err, syscall.ECONNREFUSED) && time.Now().Before(deadline) {
+		select {
+		case <-m.done:
+		case <-time.After(10 * time.Millisecond):
+			conn, err = net.DialTimeout("unix", m.qmp, time.Until(deadline))
+			continue
+		}
+		break
+	}
 	if err == nil {
 		defer conn.Close()
 		conn.SetDeadline(time.Now().Add(timeout)) //nolint:errcheck // a unix socket
@@ -409,6 +425,13 @@ func (m *machine) Kill() error {
 	default:
 	}
 	return syscall.Kill(-m.cmd.Process.Pid, syscall.SIGKILL)
+}
+
+// Powerdown presses the guest's ACPI power button (QMP
+// system_powerdown): a guest OS that listens for it shuts down and
+// powers off; one that does not keeps running.
+func (m *machine) Powerdown(ctx context.Context) error {
+	return qmpCommand(ctx, m.qmp, "system_powerdown")
 }
 
 // Shutdown asks QEMU over QMP to quit, and kills it if that fails or

@@ -57,6 +57,12 @@ func TestArgs(t *testing.T) {
 			"-chardev": {"file,id=console,path=/run/x/console", "socket,id=port0,path=/run/x/c,server=on,wait=off"},
 			"-device":  {"virtio-serial-pci,id=vser0", "virtserialport,bus=vser0.0,chardev=port0,name=cwrun.control"},
 		}, nil},
+		{"console socket", func(s *vm.Spec) {
+			s.ConsoleSocket = "/run/x/console.sock"
+		}, map[string][]string{
+			"-serial":  {"chardev:console"},
+			"-chardev": {"socket,id=console,path=/run/x/console.sock,server=on,wait=off"},
+		}, nil},
 		{"user network with forwards", func(s *vm.Spec) {
 			s.Network = &vm.Network{Forwards: []vm.Forward{{HostPort: 8080, GuestPort: 80}, {HostAddr: "127.0.0.1", HostPort: 53, GuestPort: 5353, Proto: "udp"}}}
 		}, map[string][]string{

@@ -39,6 +39,10 @@ type Spec struct {
 	// Console receives the guest's serial console (kernel messages and
 	// the init's log lines); a file path.
 	Console string
+	// ConsoleSocket, instead of Console, makes the serial console a unix
+	// socket that the VMM listens on and the launcher connects to, both
+	// ways: an interactive console (whole-disk VMs).
+	ConsoleSocket string
 	// RunDir holds the VMM's own sockets and files; the launcher owns
 	// and removes it.
 	RunDir string
