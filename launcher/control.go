@@ -168,6 +168,9 @@ func (r *runner) run(ctx context.Context) (int, error) {
 		case proto.TypeStage:
 			r.t.guest(msg.Stage, msg.MS)
 		case proto.TypeStarted:
+			if !started && r.o.Started != nil {
+				r.o.Started()
+			}
 			started = true
 			r.t.mark("host got started")
 			// The setup's garbage (image metadata, the store's state,

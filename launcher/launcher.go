@@ -94,6 +94,10 @@ type Options struct {
 	// Resized says that the terminal's size changed (SIGWINCH); with
 	// TTY the pty follows it. nil: the pty keeps its first size.
 	Resized <-chan os.Signal
+	// Started, when set, is called once, as soon as the guest reports
+	// that the workload runs (sd_notify READY=1 under podman
+	// --sdnotify=container). It must not block. nil: nothing is called.
+	Started func()
 	// StopTimeout is the grace period after a signal; default 10 s.
 	StopTimeout time.Duration
 	// ReadyTimeout bounds the time from the VMM's start to the guest's

@@ -25,10 +25,15 @@ const (
 	FormatService   = "service"
 )
 
-// Annotations the cwrun runtime reads (see cmd/cwrun/oci.go).
+// Annotations the cwrun runtime reads (see cmd/cwrun/oci.go and
+// launcher/oci.AnnotationPublish).
 const (
 	AnnotationKBS       = "io.cwrun.kbs"
 	AnnotationKBSCACert = "io.cwrun.kbs-cacert"
+	// AnnotationPublish names the guest ports QEMU serves in the
+	// container's network namespace: podman tells the runtime nothing
+	// about -p, so the unit says it next to each PublishPort=.
+	AnnotationPublish = "io.cwrun.publish"
 )
 
 // Spec is one sealed workload's unit.
@@ -199,7 +204,25 @@ func (s Spec) annotations() []string {
 	if s.KBSCACert != "" {
 		a = append(a, AnnotationKBSCACert+"="+s.KBSCACert)
 	}
+	if len(s.Publish) > 0 {
+		var ports []string
+		for _, p := range s.Publish {
+			ports = append(ports, containerPort(p))
+		}
+		a = append(a, AnnotationPublish+"="+strings.Join(ports, ","))
+	}
 	return a
+}
+
+// containerPort is the CONTAINERPORT[/PROTO] of a checked -p value:
+// where the guest listens, and where podman forwards the host port to.
+func containerPort(p string) string {
+	spec, proto, _ := strings.Cut(p, "/")
+	port := spec[strings.LastIndexByte(spec, ':')+1:]
+	if proto != "" {
+		return port + "/" + proto
+	}
+	return port
 }
 
 func containerUnit(s Spec) []*unit.UnitOption {
@@ -208,6 +231,11 @@ func containerUnit(s Spec) []*unit.UnitOption {
 		opt("Container", "Image", s.Image),
 		opt("Container", "ContainerName", s.Name),
 		opt("Container", "GlobalArgs", "--runtime "+s.Runtime),
+		// podman --sdnotify=container: cwrun sends READY=1 when the
+		// workload runs in the guest (its disk unlocked after
+		// attestation), so the unit is started when the workload is,
+		// not when its VM begins to boot.
+		opt("Container", "Notify", "true"),
 	)
 	for _, a := range s.annotations() {
 		o = append(o, opt("Container", "Annotation", a))
@@ -233,7 +261,7 @@ func serviceUnit(s Spec) []*unit.UnitOption {
 	o := unitSection(s)
 	o = append(o, opt("Unit", "RequiresMountsFor", "%t/containers"))
 	run := []string{s.Podman, "--runtime", s.Runtime, "run", "--cidfile=%t/%n.ctr-id", "--cgroups=no-conmon", "--rm",
-		"--sdnotify=conmon", "-d", "--replace", "--name", s.Name}
+		"--sdnotify=container", "-d", "--replace", "--name", s.Name}
 	for _, a := range s.annotations() {
 		run = append(run, "--annotation", a)
 	}

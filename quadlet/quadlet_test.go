@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/coreos/go-systemd/v22/unit"
+	"github.com/cwrun/cwrun/launcher/oci"
 )
 
 func base() Spec {
@@ -43,7 +44,8 @@ func TestContainerUnit(t *testing.T) {
 		"Container.Image":         {"registry.example/app:sealed"},
 		"Container.ContainerName": {"app"},
 		"Container.GlobalArgs":    {"--runtime /usr/bin/cwrun"},
-		"Container.Annotation":    {"io.cwrun.kbs=https://kbs.example:8443", "io.cwrun.kbs-cacert=/etc/cwrun/kbs-ca.pem"},
+		"Container.Notify":        {"true"},
+		"Container.Annotation":    {"io.cwrun.kbs=https://kbs.example:8443", "io.cwrun.kbs-cacert=/etc/cwrun/kbs-ca.pem", "io.cwrun.publish=80,90/udp"},
 		"Container.PublishPort":   {"8080:80", "127.0.0.1:9090:90/udp"},
 		"Container.Environment":   {"MODE=prod", `"GREETING=hello world"`},
 		"Service.Restart":         {"on-failure"},
@@ -75,8 +77,8 @@ func TestServiceUnit(t *testing.T) {
 	if len(start) != 1 {
 		t.Fatalf("ExecStart %q", start)
 	}
-	for _, want := range []string{"/usr/bin/podman --runtime /usr/bin/cwrun run ", "--cidfile=%t/%n.ctr-id", "--name app",
-		"--annotation io.cwrun.kbs=https://kbs.example:8443", "-p 8080:80", `-e "GREETING=hello world"`, "-e PCT=100%%", `-e "Q=a\"b"`,
+	for _, want := range []string{"/usr/bin/podman --runtime /usr/bin/cwrun run ", "--cidfile=%t/%n.ctr-id", "--sdnotify=container", "--name app",
+		"--annotation io.cwrun.kbs=https://kbs.example:8443", "--annotation io.cwrun.publish=80,90/udp", "-p 8080:80", `-e "GREETING=hello world"`, "-e PCT=100%%", `-e "Q=a\"b"`,
 		" registry.example/app:sealed"} {
 		if !strings.Contains(start[0], want) {
 			t.Errorf("ExecStart %q lacks %q", start[0], want)
@@ -156,4 +158,19 @@ func FuzzCheckPublish(f *testing.F) {
 			t.Fatalf("%q accepted", s)
 		}
 	})
+}
+
+// The runtime reads the annotation the units write.
+func TestPublishAnnotationMatchesTheRuntime(t *testing.T) {
+	if AnnotationPublish != oci.AnnotationPublish {
+		t.Errorf("quadlet writes %s, the runtime reads %s", AnnotationPublish, oci.AnnotationPublish)
+	}
+	for p, want := range map[string]string{"80": "80", "8080:80": "80", "127.0.0.1:9090:90/udp": "90/udp", "[::1]:1:2/tcp": "2/tcp", "127.0.0.1::53": "53"} {
+		if got := containerPort(p); got != want {
+			t.Errorf("%s: %s, want %s", p, got, want)
+		}
+		if _, err := oci.ParsePublish(containerPort(p)); err != nil {
+			t.Errorf("%s: the runtime refuses what the unit says: %v", p, err)
+		}
+	}
 }

@@ -7,6 +7,9 @@ package tests
 
 import (
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,8 +53,15 @@ cwrun = [%q]
 
 func (p podmanEnv) run(t *testing.T, args ...string) result {
 	t.Helper()
+	return p.runEnv(t, nil, nil, args...)
+}
+
+// runEnv is run with extra environment variables and an input for podman.
+func (p podmanEnv) runEnv(t *testing.T, env []string, stdin io.Reader, args ...string) result {
+	t.Helper()
 	ctx := exec.Command("podman", p.s.flags(args...)...)
-	ctx.Env = append(os.Environ(), "CONTAINERS_CONF="+p.conf)
+	ctx.Env = append(append(os.Environ(), "CONTAINERS_CONF="+p.conf), env...)
+	ctx.Stdin = stdin
 	var r result
 	var out, errb syncBuffer
 	ctx.Stdout, ctx.Stderr = &out, &errb
@@ -233,6 +243,120 @@ func TestPodmanRuntime(t *testing.T) {
 		noOCILeftovers(t, id)
 	})
 
+	t.Run("logs-follow", func(t *testing.T) {
+		id := p.must(t, append(append([]string{"run", "-d", "--name", "follow"}, rt...), openImg,
+			"/bin/sh", "-c", `for i in 1 2 3; do echo line$i; sleep 1; done; echo last >&2; exit 5`)...)
+		// Follows from the boot on, and ends when the container exits.
+		start := time.Now()
+		r := p.run(t, "logs", "-f", "follow")
+		t.Logf("podman logs -f returned after %s", time.Since(start).Round(time.Millisecond))
+		if r.code != 0 || !strings.Contains(r.stdout, "line1\nline2\nline3\n") || !strings.Contains(r.stderr, "last") {
+			t.Fatalf("podman logs -f: exit %d\nstdout: %q\nstderr: %q", r.code, r.stdout, r.stderr)
+		}
+		if got := p.must(t, "inspect", "--format", "{{.State.ExitCode}} {{.State.Status}}", "follow"); got != "5 exited" {
+			t.Errorf("after podman logs -f returned: %q, want \"5 exited\"", got)
+		}
+		p.must(t, "rm", "follow")
+		noOCILeftovers(t, id)
+	})
+
+	t.Run("publish", func(t *testing.T) {
+		port := freePort(t)
+		// podman forwards the host port into the container's network
+		// namespace; io.cwrun.publish makes QEMU listen there.
+		r := p.run(t, append(append([]string{"run", "-d", "--name", "web", "-p", fmt.Sprintf("127.0.0.1:%d:80", port),
+			"--annotation", oci.AnnotationPublish + "=80"}, rt...), openImg,
+			"/bin/sh", "-c", `httpd -f -p 80 -h /www & echo listening; wait`)...)
+		if r.code != 0 && (strings.Contains(r.stderr, "iptables") || strings.Contains(r.stderr, "CNI")) {
+			t.Skipf("podman cannot publish ports here (its network backend failed): %s", r.stderr)
+		}
+		if r.code != 0 {
+			t.Fatalf("podman run -p: exit %d\n%s", r.code, r.stderr)
+		}
+		id := strings.TrimSpace(r.stdout)
+		p.waitLogs(t, "web", "listening")
+		body, err := httpGet(fmt.Sprintf("http://127.0.0.1:%d/index.html", port), time.Minute)
+		if body != "hello from the sealed guest\n" {
+			logs := p.run(t, "logs", "web")
+			t.Errorf("GET through podman's -p: %q, %v\nlogs: %s%s", body, err, logs.stdout, logs.stderr)
+		}
+		p.must(t, "rm", "-f", "-t", "0", "web")
+		noOCILeftovers(t, id)
+	})
+
+	t.Run("tty", func(t *testing.T) {
+		// -t without -i works without a terminal on podman's side: the
+		// output comes through conmon's pty (CRLF line ends).
+		r := p.run(t, append(append([]string{"run", "--rm", "-t"}, rt...), openImg, "/bin/sh", "-c", `tty; stty size; echo tty-done`)...)
+		if r.code != 0 || !strings.Contains(r.stdout, "/dev/pts/") || !strings.Contains(r.stdout, "tty-done") {
+			t.Fatalf("podman run -t: exit %d\nstdout: %q\nstderr: %q", r.code, r.stdout, r.stderr)
+		}
+	})
+
+	t.Run("stdin", func(t *testing.T) {
+		r := p.runEnv(t, nil, strings.NewReader("piped in\n"), append(append([]string{"run", "--rm", "-i"}, rt...), openImg, "/bin/sh", "-c", `read line; echo "got: $line"`)...)
+		if r.code != 0 || !strings.Contains(r.stdout, "got: piped in") {
+			t.Fatalf("podman run -i: exit %d\nstdout: %q\nstderr: %q", r.code, r.stdout, r.stderr)
+		}
+	})
+
+	t.Run("sdnotify", func(t *testing.T) {
+		dir, err := os.MkdirTemp("", "cwsd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer os.RemoveAll(dir)
+		sock := filepath.Join(dir, "notify.sock")
+		conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		got := make(chan string, 16)
+		go func() {
+			buf := make([]byte, 4096)
+			for {
+				n, err := conn.Read(buf)
+				if err != nil {
+					close(got)
+					return
+				}
+				got <- string(buf[:n])
+			}
+		}()
+		r := p.runEnv(t, []string{"NOTIFY_SOCKET=" + sock}, nil, append(append([]string{"run", "-d", "--name", "notify", "--sdnotify=container"}, rt...),
+			openImg, "/bin/sh", "-c", `echo up; sleep 1000`)...)
+		if r.code != 0 {
+			t.Fatalf("podman run --sdnotify=container: exit %d\n%s", r.code, r.stderr)
+		}
+		id := strings.TrimSpace(r.stdout)
+		var msgs []string
+		deadline := time.After(2 * time.Minute)
+	wait:
+		for {
+			select {
+			case m, ok := <-got:
+				if !ok {
+					break wait
+				}
+				msgs = append(msgs, m)
+				if strings.Contains(m, "READY=1") {
+					break wait
+				}
+			case <-deadline:
+				break wait
+			}
+		}
+		if !strings.Contains(strings.Join(msgs, "\n"), "READY=1") {
+			logs := p.run(t, "logs", "notify")
+			t.Errorf("no READY=1 on NOTIFY_SOCKET; got %q\nlogs: %s%s", msgs, logs.stdout, logs.stderr)
+		} else if st := p.must(t, "inspect", "--format", "{{.State.Status}}", "notify"); st != "running" {
+			t.Errorf("status %q at READY=1, want running", st)
+		}
+		p.must(t, "rm", "-f", "-t", "0", "notify")
+		noOCILeftovers(t, id)
+	})
+
 	t.Run("not-sealed", func(t *testing.T) {
 		mustRun(t, "skopeo", "copy", "-q", "oci:"+src+":v1", fmt.Sprintf("containers-storage:[overlay@%s+%s]%s", s.root, s.runRoot, plainImg))
 		r := p.run(t, append(append([]string{"run", "--rm"}, rt...), plainImg, "/bin/true")...)
@@ -240,6 +364,24 @@ func TestPodmanRuntime(t *testing.T) {
 			t.Fatalf("an ordinary image under cwrun: exit %d\nstderr: %s", r.code, r.stderr)
 		}
 	})
+}
+
+// httpGet retries a GET until it answers or the time is up.
+func httpGet(url string, within time.Duration) (string, error) {
+	c := http.Client{Timeout: 5 * time.Second}
+	deadline := time.Now().Add(within)
+	for {
+		resp, err := c.Get(url)
+		if err == nil {
+			b, rerr := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			return string(b), rerr
+		}
+		if time.Now().After(deadline) {
+			return "", err
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
 }
 
 // TestOCIRuntimeBadInput drives the runtime verbs directly, as conmon
@@ -262,6 +404,7 @@ func TestOCIRuntimeBadInput(t *testing.T) {
 		{[]string{"kill", "nosuch", "NOTASIGNAL"}, "unknown"},
 		{[]string{"exec", "nosuch", "ls"}, "not supported"},
 		{[]string{"create", "--bundle", t.TempDir(), "x"}, "config.json"},
+		{[]string{"create", "--preserve-fds", "2", "--bundle", t.TempDir(), "x"}, "--preserve-fds 2"},
 	} {
 		r := cw(c.args...)
 		if r.code == 0 || !strings.Contains(r.stderr, c.want) {

@@ -13,6 +13,7 @@ import (
 	"github.com/cwrun/cwrun/images"
 	"github.com/cwrun/cwrun/launcher"
 	"github.com/cwrun/cwrun/launcher/oci"
+	"github.com/cwrun/cwrun/launcher/qemu"
 	"github.com/cwrun/cwrun/launcher/vm"
 	"github.com/spf13/cobra"
 )
@@ -76,7 +77,9 @@ func newOCICmds(root *cobra.Command, g *globalOpts) []*cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: wrap(func(cmd *cobra.Command, args []string) error {
 			if preserve > 0 {
-				return fmt.Errorf("--preserve-fds %d: passing extra file descriptors into a VM is not supported", preserve)
+				// A descriptor is a host kernel object; the workload runs
+				// on the guest's kernel, which cannot hold one.
+				return fmt.Errorf("--preserve-fds %d: the workload runs in a VM, which cannot inherit host file descriptors; run it without --preserve-fds (or socket activation)", preserve)
 			}
 			co.Check = func(rootfs string) error { return launcher.CheckSealedDir(rootfs, "the container's image") }
 			return rt().Create(cmd.Context(), args[0], co)
@@ -85,7 +88,7 @@ func newOCICmds(root *cobra.Command, g *globalOpts) []*cobra.Command {
 	f := create.Flags()
 	f.StringVarP(&co.Bundle, "bundle", "b", ".", "the bundle folder (config.json and the root file system)")
 	f.StringVar(&co.PidFile, "pid-file", "", "write the supervisor's pid here")
-	f.StringVar(&co.ConsoleSocket, "console-socket", "", "the terminal's socket (not supported yet)")
+	f.StringVar(&co.ConsoleSocket, "console-socket", "", "with process.terminal (podman run -t): send the pty master to this socket")
 	f.IntVar(&preserve, "preserve-fds", 0, "extra file descriptors to pass (only 0 is supported)")
 	f.BoolVar(&noPivot, "no-pivot", false, "accepted and ignored (there is no pivot_root: the workload runs in a VM)")
 	f.BoolVar(&noKeyring, "no-new-keyring", false, "accepted and ignored")
@@ -169,7 +172,23 @@ func ociBoot(ctx context.Context, g *globalOpts, b oci.Boot) (int, error) {
 		CPUs: b.CPUs, MemoryMiB: b.MemoryMiB, Args: b.Args, Env: b.Env,
 		Signals: b.Signals, StopTimeout: 8 * time.Second,
 		RunDir: b.VMDir, Name: b.ID[:min(12, len(b.ID))],
+		TTY: b.TTY, Resized: b.Resized, Publish: b.Publish, Started: b.Started,
 		Log: g.logger(),
+	}
+	if b.Stdin != nil {
+		opts.Stdin = b.Stdin
+	}
+	if b.NetNS != (oci.NetNS{}) {
+		q, err := qemu.QEMU{}.Path()
+		if err != nil {
+			return 0, err
+		}
+		w, closer, err := oci.QEMUInNetNS(q, b.NetNS)
+		if err != nil {
+			return 0, err
+		}
+		defer closer.Close()
+		opts.VMM = qemu.QEMU{Binary: w}
 	}
 	if v := b.Annotations[annoStopTimeout]; v != "" {
 		d, err := time.ParseDuration(v)

@@ -60,7 +60,7 @@ overrides it); --kbs-cacert names the broker's CA file on the host.`,
 	f.StringVar(&s.Name, "name", "", "the container's and the unit's name (required)")
 	f.StringVar(&s.KBS, "kbs", "", "the key broker's URL (default: the one the image was sealed with)")
 	f.StringVar(&s.KBSCACert, "kbs-cacert", "", "absolute path of the key broker's CA certificates (PEM) on the host")
-	f.StringArrayVarP(&s.Publish, "publish", "p", nil, "podman -p value (repeatable)")
+	f.StringArrayVarP(&s.Publish, "publish", "p", nil, "podman -p value (repeatable); the unit also names the container ports in the io.cwrun.publish annotation, so that the VM serves them")
 	f.StringArrayVarP(&s.Env, "env", "e", nil, "KEY=VALUE for the workload (needs an image sealed with --allow-overrides)")
 	f.StringVar(&s.Restart, "restart", "on-failure", "systemd Restart= policy")
 	f.IntVar(&s.StopTimeout, "stop-timeout", 10, "seconds podman stop waits before it kills the VM")

@@ -13,9 +13,17 @@
 //
 // State lives in Root/<id>/: state.json (written once by create), the
 // start marker (made by `start`, exclusively: a second start fails),
-// and the running marker (made by the supervisor when it took the
-// start). Liveness is the supervisor's pid and its start time in
-// /proc, so a reused pid is not mistaken for it.
+// the running marker (made by the supervisor when it took the start),
+// and, when the supervisor ended before the start, why. Liveness is
+// the supervisor's pid and its start time in /proc, so a reused pid is
+// not mistaken for it.
+//
+// What the bundle asks beyond the VM's shape: a terminal (-t: conmon
+// gets a host pty's master, the supervisor its slave, the workload a
+// pty in the guest), a network namespace (QEMU runs in it, serving the
+// ports AnnotationPublish names), and an sd_notify socket (READY=1 when
+// the workload starts). Extra file descriptors (--preserve-fds) cannot
+// reach a VM and are refused.
 package oci
 
 import (
@@ -29,6 +37,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -39,6 +48,9 @@ const (
 	stateFile     = "state.json"
 	startMarker   = "start"
 	runningMarker = "running"
+	// failedFile holds why a supervisor ended before it took the
+	// start, for Start to report.
+	failedFile = "failed"
 	// VMDir is the folder under Root that holds the VMs' run folders
 	// (launcher.Options.RunDir): short, for the sockets' path limit.
 	VMDir = "vm"
@@ -151,9 +163,9 @@ func (r Runtime) Create(ctx context.Context, id string, o CreateOptions) error {
 	if err != nil {
 		return err
 	}
-	if spec.Process != nil && spec.Process.Terminal {
-		// TODO: the console socket (-t): send a pty master over it.
-		return errors.New("a terminal (podman run -t) is not supported by cwrun's OCI runtime yet: run without -t")
+	terminal := spec.Process != nil && spec.Process.Terminal
+	if terminal && o.ConsoleSocket == "" {
+		return errors.New("the bundle asks for a terminal (process.terminal) but no --console-socket was given to send it to")
 	}
 	if o.Check != nil {
 		if err := o.Check(rootfs); err != nil {
@@ -180,6 +192,20 @@ func (r Runtime) Create(ctx context.Context, id string, o CreateOptions) error {
 	cmd := r.Supervisor(id)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.Dir = "/"
+	var master, slave *os.File
+	if terminal {
+		master, slave, err = openPTY(spec.Process.ConsoleSize)
+		if err != nil {
+			return err
+		}
+		// create's copies: conmon gets the master, the supervisor the slave.
+		defer master.Close()
+		defer slave.Close()
+		// The slave is the supervisor's stdio and controlling terminal,
+		// so that a resize from conmon reaches it as SIGWINCH.
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	}
 	// Written before the fork, without the pid: the supervisor reads
 	// its bundle from it at once.
 	if err := writeJSON(filepath.Join(d, stateFile), rec); err != nil {
@@ -200,6 +226,13 @@ func (r Runtime) Create(ctx context.Context, id string, o CreateOptions) error {
 		cmd.Wait()         //nolint:errcheck // killed on purpose
 		return err
 	}
+	if master != nil {
+		if err := sendConsole(o.ConsoleSocket, master, slave); err != nil {
+			cmd.Process.Kill() //nolint:errcheck // gone is fine
+			cmd.Wait()         //nolint:errcheck // killed on purpose
+			return err
+		}
+	}
 	if o.PidFile != "" {
 		if err := writeFileAtomic(o.PidFile, []byte(strconv.Itoa(rec.Pid))); err != nil {
 			cmd.Process.Kill() //nolint:errcheck // gone is fine
@@ -217,12 +250,19 @@ func (r Runtime) Create(ctx context.Context, id string, o CreateOptions) error {
 
 // Start lets the supervisor of a created container boot its VM, and
 // returns once it took the start.
+//
+// The supervisor may take the start, fail to boot (a refused
+// override, a bad annotation) and exit before Start looks again: the
+// running marker, which it makes before it boots, is what tells that
+// apart from a supervisor that died before the start, and it is looked
+// for after every liveness check, never before.
 func (r Runtime) Start(ctx context.Context, id string) error {
 	rec, err := r.load(id)
 	if err != nil {
 		return err
 	}
-	f, err := os.OpenFile(filepath.Join(r.dir(id), startMarker), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	d := r.dir(id)
+	f, err := os.OpenFile(filepath.Join(d, startMarker), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("%s: %w: a container starts once", id, ErrAlreadyStarted)
 	}
@@ -230,29 +270,30 @@ func (r Runtime) Start(ctx context.Context, id string) error {
 		return fmt.Errorf("starting %s: %w", id, err)
 	}
 	f.Close()
-	if !rec.alive() {
-		return fmt.Errorf("%s: %w: its supervisor (pid %d) is gone", id, ErrNotRunning, rec.Pid)
+	taken := func() bool {
+		_, err := os.Stat(filepath.Join(d, runningMarker))
+		return err == nil
 	}
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	deadline := time.After(30 * time.Second)
 	for {
-		if _, err := os.Stat(filepath.Join(r.dir(id), runningMarker)); err == nil {
+		alive := rec.alive()
+		if taken() {
 			return nil
 		}
-		if !rec.alive() {
-			// It may have taken the start and ended (a refused boot)
-			// between the two checks.
-			if _, err := os.Stat(filepath.Join(r.dir(id), runningMarker)); err == nil {
-				return nil
+		if !alive {
+			why := "its error is in the container's output: podman logs"
+			if b, err := os.ReadFile(filepath.Join(d, failedFile)); err == nil && len(b) > 0 {
+				why = strings.TrimSpace(string(b))
 			}
-			return fmt.Errorf("%s: its supervisor (pid %d) exited before it took the start (its error is in the container's output: podman logs)", id, rec.Pid)
+			return fmt.Errorf("%s: %w: its supervisor (pid %d) exited before it took the start (%s)", id, ErrNotRunning, rec.Pid, why)
 		}
 		select {
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		case <-deadline:
-			return fmt.Errorf("%s: its supervisor (pid %d) did not take the start within 30 s", id, rec.Pid)
+			return fmt.Errorf("%s: its supervisor (pid %d) did not take the start within 30 s (an overloaded host?)", id, rec.Pid)
 		case <-tick.C:
 		}
 	}

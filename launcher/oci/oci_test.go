@@ -15,6 +15,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+	"golang.org/x/term"
 )
 
 // The test binary doubles as the supervisor: a fake Boot that reports
@@ -22,7 +23,11 @@ import (
 func TestMain(m *testing.M) {
 	if root := os.Getenv("OCI_TEST_SUPERVISOR"); root != "" {
 		s := Supervisor{Runtime: Runtime{Root: root}, Boot: func(ctx context.Context, b Boot) (int, error) {
-			fmt.Printf("booted %s cpus=%d mem=%d args=%q env=%q\n", filepath.Base(b.Rootfs), b.CPUs, b.MemoryMiB, b.Args, b.Env)
+			fmt.Printf("booted %s cpus=%d mem=%d args=%q env=%q tty=%v stdin=%v publish=%v\n",
+				filepath.Base(b.Rootfs), b.CPUs, b.MemoryMiB, b.Args, b.Env, b.TTY && term.IsTerminal(0), b.Stdin != nil, b.Publish)
+			if b.Started != nil {
+				b.Started()
+			}
 			if b.Annotations["test.fail"] != "" {
 				return 0, errors.New("boot failed on purpose")
 			}

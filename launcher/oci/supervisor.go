@@ -13,7 +13,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cwrun/cwrun/launcher/vm"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // Boot is what the supervisor hands to the function that runs the VM.
@@ -33,6 +35,24 @@ type Boot struct {
 	Signals <-chan os.Signal
 	// VMDir is the base of the VM's run folder (launcher.Options.RunDir).
 	VMDir string
+
+	// TTY: the bundle asks for a terminal (podman run -t). The
+	// supervisor's stdio is then the slave of the pty whose master
+	// conmon holds, and Resized carries its size changes (SIGWINCH).
+	TTY     bool
+	Resized <-chan os.Signal
+	// Stdin is the workload's input: the terminal with TTY, conmon's
+	// pipe with podman run -i; nil when conmon gave /dev/null.
+	Stdin *os.File
+	// NetNS is the network namespace QEMU must run in (see
+	// QEMUInNetNS); the zero value: the supervisor's own.
+	NetNS NetNS
+	// Publish are the ports QEMU forwards from that namespace to the
+	// guest (AnnotationPublish).
+	Publish []vm.Forward
+	// Started is called when the workload runs (launcher.Options.Started):
+	// it sends READY=1 to the bundle's sd_notify socket, if any.
+	Started func()
 }
 
 // Supervisor is the process whose pid the pid file names.
@@ -70,6 +90,11 @@ func (s Supervisor) Run(ctx context.Context, id string) int {
 		return fail(err)
 	}
 	d := s.Runtime.dir(id)
+	// Before the start, Start is the one waiting: tell it why.
+	failEarly := func(err error) int {
+		writeFileAtomic(filepath.Join(d, failedFile), []byte(err.Error())) //nolint:errcheck // stderr has it too
+		return fail(err)
+	}
 	tick := time.NewTicker(10 * time.Millisecond)
 wait:
 	for {
@@ -83,34 +108,76 @@ wait:
 		select {
 		case sig := <-sigs:
 			tick.Stop()
-			if n, ok := sig.(syscall.Signal); ok {
-				return 128 + int(n)
+			n, ok := sig.(syscall.Signal)
+			if !ok {
+				n = syscall.SIGTERM
 			}
-			return 128 + int(syscall.SIGTERM)
+			writeFileAtomic(filepath.Join(d, failedFile), []byte(fmt.Sprintf("it got %v before the start", sig))) //nolint:errcheck // best effort
+			return 128 + int(n)
 		case <-ctx.Done():
 			tick.Stop()
-			return fail(context.Cause(ctx))
+			return failEarly(context.Cause(ctx))
 		case <-tick.C:
 		}
 	}
 	tick.Stop()
 	spec, rootfs, err := LoadBundle(rec.Bundle)
 	if err != nil {
-		return fail(err)
+		return failEarly(err)
 	}
 	if err := writeFileAtomic(filepath.Join(d, runningMarker), nil); err != nil {
-		return fail(err)
+		return failEarly(err)
 	}
 	cpus, mem := Resources(spec)
 	args, env := Overrides(spec)
-	code, err := s.Boot(ctx, Boot{
+	publish, err := ParsePublish(spec.Annotations[AnnotationPublish])
+	if err != nil {
+		return fail(err)
+	}
+	b := Boot{
 		ID: id, Bundle: rec.Bundle, Rootfs: rootfs, Spec: spec, CPUs: cpus, MemoryMiB: mem,
-		Annotations: spec.Annotations, Args: args, Env: env, Signals: sigs, VMDir: filepath.Join(s.Runtime.root(), VMDir),
-	})
+		Annotations: spec.Annotations, Args: args, Env: env, Signals: sigs,
+		VMDir: filepath.Join(s.Runtime.root(), VMDir),
+		NetNS: BundleNetNS(spec), Publish: publish,
+	}
+	if spec.Process != nil && spec.Process.Terminal {
+		b.TTY, b.Stdin = true, os.Stdin
+		winch := make(chan os.Signal, 1)
+		signal.Notify(winch, syscall.SIGWINCH)
+		defer signal.Stop(winch)
+		b.Resized = winch
+	} else if !isDevNull(os.Stdin) {
+		b.Stdin = os.Stdin
+	}
+	if sock := NotifySocket(spec); sock != "" {
+		// Off the launcher's control loop: a stuck socket must not hold
+		// up the workload's messages.
+		b.Started = func() {
+			go func() {
+				if err := notifyReady(sock); err != nil {
+					fmt.Fprintf(stderr, "cwrun: %s: warning: %v\n", id, err)
+				}
+			}()
+		}
+	}
+	code, err := s.Boot(ctx, b)
 	if err != nil {
 		return fail(err)
 	}
 	return code
+}
+
+// isDevNull tells whether f is /dev/null (or unusable): conmon's stdin
+// for a container without podman run -i.
+func isDevNull(f *os.File) bool {
+	var st, null unix.Stat_t
+	if f == nil || unix.Fstat(int(f.Fd()), &st) != nil {
+		return true
+	}
+	if unix.Stat("/dev/null", &null) != nil {
+		return false
+	}
+	return st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == null.Rdev
 }
 
 // Resources are the VM's vCPUs and MiB from the bundle's limits
@@ -135,10 +202,12 @@ func Resources(s *specs.Spec) (cpus, memMiB int) {
 const SealedEntrypoint = "/entrypoint"
 
 // engineEnv are the variables podman sets itself in every container
-// (containers.conf's defaults, HOSTNAME, container=podman); the rest
+// (containers.conf's defaults, HOSTNAME, container=podman, and
+// NOTIFY_SOCKET with --sdnotify=container, which the supervisor
+// answers for the guest); the rest
 // of a sealed bundle's environment is the user's -e, since the outer
 // config of a sealed image has none.
-var engineEnv = map[string]bool{"PATH": true, "TERM": true, "HOSTNAME": true, "HOME": true, "container": true}
+var engineEnv = map[string]bool{"PATH": true, "TERM": true, "HOSTNAME": true, "HOME": true, "container": true, notifyEnv: true}
 
 // Overrides are the command and environment the user gave podman for a
 // sealed image: the arguments after the sealed entrypoint, and the
