@@ -4,7 +4,8 @@ package tests
 // UEFI (OVMF) under QEMU TCG. The disk is built here (internal/testdisk)
 // from Debian's cloud kernel and busybox: its init prints a marker,
 // counts its boots in a raw sector of the disk, reports a cloud-init
-// seed, and powers off. Each boot takes 15 s or more under TCG.
+// seed and the CPUs and memory it sees, can serve HTTP on QEMU's user
+// network, and powers off. Each boot takes 15 s or more under TCG.
 
 import (
 	"bytes"
@@ -71,32 +72,113 @@ func wantBoot(t *testing.T, r vmResult, boots string) {
 	}
 }
 
+// wantGuestSize checks the CPUs and memory the guest reported: MemTotal
+// is below the VM's memory (the firmware and kernel keep some), but
+// within a quarter of it.
+func wantGuestSize(t *testing.T, stdout string, cpus, memMiB int) {
+	t.Helper()
+	if !strings.Contains(stdout, fmt.Sprintf("%s%d\n", testdisk.CPUsPrefix, cpus)) {
+		t.Errorf("the guest did not see %d CPUs\nstdout: %s", cpus, stdout)
+	}
+	var kib int
+	if i := strings.Index(stdout, testdisk.MemTotalPrefix); i < 0 {
+		t.Errorf("the guest did not report its memory\nstdout: %s", stdout)
+	} else if _, err := fmt.Sscan(stdout[i+len(testdisk.MemTotalPrefix):], &kib); err != nil {
+		t.Errorf("the guest's memory report: %v\nstdout: %s", err, stdout)
+	} else if kib > memMiB<<10 || kib < memMiB<<10*3/4 {
+		t.Errorf("the guest sees MemTotal %d KiB; want a little under %d MiB", kib, memMiB)
+	}
+}
+
+// httpGetUntil GETs url until it answers 200 or the run ends or the
+// deadline passes: QEMU accepts the forwarded port's connections as
+// soon as it runs, and drops them while nothing listens in the guest.
+func httpGetUntil(t *testing.T, b *bgRun, url string, deadline time.Time) string {
+	t.Helper()
+	c := &http.Client{Timeout: 10 * time.Second}
+	var last error
+	for time.Now().Before(deadline) {
+		select {
+		case <-b.done:
+			t.Fatalf("cwrun ended (%v) before %s answered (last: %v)\nstdout: %s\nstderr: %s", b.err, url, last, b.out.String(), b.stderr.String())
+		default:
+		}
+		resp, err := c.Get(url)
+		if err == nil {
+			body, rerr := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && rerr == nil {
+				return string(body)
+			}
+			err = fmt.Errorf("%s, %v", resp.Status, rerr)
+		}
+		last = err
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Fatalf("GET %s: no answer by the deadline (last: %v)\nstdout: %s\nstderr: %s", url, last, b.out.String(), b.stderr.String())
+	return ""
+}
+
 func TestDiskBoot(t *testing.T) {
 	dir := t.TempDir()
 	raw := needDiskVM(t, dir, testdisk.Options{})
-	qcow := testdisk.QCOW2(t, raw, dir)
+	// The qcow2 disk serves HTTP and waits for the power button.
+	serveDir := filepath.Join(dir, "serve")
+	os.Mkdir(serveDir, 0o755)
+	qcow := testdisk.QCOW2(t, needDiskVM(t, serveDir, testdisk.Options{Serve: true}), serveDir)
 	e := newVMEnv(t, newStore(t))
 
-	t.Run("qcow2 with a cloud-init seed", func(t *testing.T) {
+	// One boot checks the cloud-init seed, a published port and the
+	// VM's size; SIGTERM then stops it through the power button.
+	t.Run("qcow2 with a cloud-init seed, -p, --cpus, --memory", func(t *testing.T) {
 		ci := filepath.Join(dir, "ci")
 		os.Mkdir(ci, 0o755)
 		os.WriteFile(filepath.Join(ci, "user-data"), []byte("#cloud-config\n"), 0o644)
 		os.WriteFile(filepath.Join(ci, "meta-data"), []byte("instance-id: cwrun-e2e-42\n"), 0o644)
 		before := fileSum(t, qcow)
-		r := e.run(t, "run", "--disk", qcow, "--cloud-init", ci, "-p", fmt.Sprintf("127.0.0.1:%d:80", freePort(t)), "--cpus", "1", "--memory", "512")
-		wantBoot(t, r, "1")
-		if !strings.Contains(r.stdout, "second disk: instance-id: cwrun-e2e-42") {
-			t.Errorf("the guest did not find the cloud-init seed as its second disk\nstdout: %s", r.stdout)
+		port := freePort(t)
+		start := time.Now()
+		b := e.start(t, "run", "--disk", qcow, "--cloud-init", ci, "-p", fmt.Sprintf("127.0.0.1:%d:80", port), "--cpus", "2", "--memory", "768")
+		body := httpGetUntil(t, b, fmt.Sprintf("http://127.0.0.1:%d/", port), time.Now().Add(3*time.Minute))
+		if body != testdisk.ServeBody {
+			t.Errorf("GET through -p: body %q, want %q", body, testdisk.ServeBody)
+		}
+		t.Logf("the guest answered on the published port %s after the start", time.Since(start).Round(time.Millisecond))
+		b.waitOutput(t, testdisk.WaitingLine)
+		qemus := childrenOf(b.cmd.Process.Pid)
+		if len(qemus) == 0 {
+			t.Fatal("no QEMU child")
+		}
+		b.cmd.Process.Signal(syscall.SIGTERM)
+		if code := b.exitCode(t); code != 0 {
+			t.Fatalf("exit %d after SIGTERM, want 0 (the guest powered off)\nstdout: %s\nstderr: %s", code, b.out.String(), b.stderr.String())
+		}
+		out := strings.ReplaceAll(b.out.String(), "\r\n", "\n") // the serial console's line ends
+		for _, want := range []string{testdisk.Marker, testdisk.BootsPrefix + "1\n", testdisk.ServingLine, testdisk.PressedLine,
+			"second disk: instance-id: cwrun-e2e-42"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("stdout lacks %q\nstdout: %s", want, out)
+			}
+		}
+		wantGuestSize(t, out, 2, 768)
+		if !strings.Contains(b.stderr.String(), "power button") {
+			t.Errorf("stderr does not say the power button was pressed: %s", b.stderr.String())
 		}
 		if fileSum(t, qcow) != before {
 			t.Error("the qcow2 disk was written: a run must write to a throw-away overlay")
 		}
-		t.Logf("booted in %s", r.elapsed)
+		e.noLeftovers(t, vmResult{pids: qemus})
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); err == nil {
+			c.Close()
+			t.Errorf("port %d still accepts connections after the VM stopped", port)
+		}
+		t.Logf("booted, served and stopped in %s", time.Since(start).Round(time.Millisecond))
 	})
 	t.Run("raw, flags after REF", func(t *testing.T) {
 		before := fileSum(t, raw)
 		r := e.run(t, "run", "--disk", raw, "--memory", "512", "--name", "rawvm")
 		wantBoot(t, r, "1")
+		wantGuestSize(t, r.stdout, 1, 512) // one vCPU by default
 		if fileSum(t, raw) != before || testdisk.Boots(t, raw) != "" {
 			t.Error("the raw disk was written: a run must write to a throw-away overlay")
 		}

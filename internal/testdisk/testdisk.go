@@ -4,9 +4,10 @@
 // initrd + the command line). The busybox init prints a marker line on
 // the serial console, counts its boots in a raw sector of the disk (so
 // that a test can tell a throw-away overlay from a persistent one),
-// reports a cloud-init seed disk when one is attached, and powers off
-// (or, as Options say, talks on its console, waits for the power button,
-// or ignores it).
+// reports a cloud-init seed disk when one is attached and the CPUs and
+// memory it sees, and powers off (or, as Options say, serves HTTP on
+// QEMU's user network, talks on its console, waits for the power
+// button, or ignores it).
 //
 // What the disk does is stated here, by the test's side, and not
 // computed by the code under test. Builds need objcopy (binutils),
@@ -51,6 +52,26 @@ const BootsPrefix = "cwrun-testdisk: boots="
 // IgnoringStop is printed by a Hang disk before it waits forever.
 const IgnoringStop = "cwrun-testdisk: ignoring stop requests"
 
+// Every boot reports what the guest sees: CPUsPrefix is followed by
+// the number of online CPUs (nproc), MemTotalPrefix by MemTotal from
+// /proc/meminfo in KiB (less than the VM's memory: the firmware and
+// the kernel keep some).
+const (
+	CPUsPrefix     = "cwrun-testdisk: cpus="
+	MemTotalPrefix = "cwrun-testdisk: memtotal_kib="
+)
+
+// Lines and body of a Serve disk.
+const (
+	// ServeBody is what GET / on the guest's port 80 returns.
+	ServeBody = "cwrun-testdisk: hello over the user network\n"
+	// ServingLine is printed once httpd listens.
+	ServingLine = "cwrun-testdisk: serving http on 10.0.2.15:80"
+	// NetFailedPrefix starts the line printed when eth0 cannot be
+	// configured (the disk then waits for the power button anyway).
+	NetFailedPrefix = "cwrun-testdisk: network failed: "
+)
+
 // Options shape the disk.
 type Options struct {
 	// Kernel is the guest kernel; its modules folder must hold
@@ -64,6 +85,11 @@ type Options struct {
 	// it (Got), then wait for the ACPI power button (a guest that shuts
 	// down cleanly when asked) before it powers off.
 	Interactive bool
+	// Serve loads virtio_net, configures eth0 statically for QEMU's
+	// user network (10.0.2.15/24, gateway 10.0.2.2, as slirp hands out
+	// by DHCP), serves ServeBody at / on port 80 with busybox httpd,
+	// then waits for the ACPI power button before it powers off.
+	Serve bool
 }
 
 // Lines of an Interactive disk.
@@ -172,7 +198,7 @@ func mbr() []byte {
 }
 
 // initScript is the guest's /init. It loads the virtio modules so it
-// can see its disks, then reports and powers off.
+// can see its disks (and NIC), then reports and powers off.
 func initScript(o Options) string {
 	s := `#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -191,19 +217,44 @@ echo "` + BootsPrefix + `$n"
 if [ -b /dev/vdb ]; then
 	echo "cwrun-testdisk: second disk: $(grep -a -m1 -o 'instance-id: [a-z0-9-]*' /dev/vdb)"
 fi
+echo "` + CPUsPrefix + `$(nproc)"
+echo "` + MemTotalPrefix + `$(sed -n 's/^MemTotal: *\([0-9]*\) kB$/\1/p' /proc/meminfo)"
 `
+	if o.Serve {
+		// Static, not DHCP: busybox udhcpc needs a script to apply its
+		// lease, and slirp's addresses are fixed anyway. httpd listens
+		// before it goes to the background.
+		s += `i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+if ip link set lo up && ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2; then
+	httpd -p 80 -h /www && echo "` + ServingLine + `"
+else
+	echo "` + NetFailedPrefix + `$(ls /sys/class/net | tr '\n' ' ')"
+fi
+`
+	}
 	if o.Interactive {
-		// The first event of an input device named "Power Button" is
-		// the press (q35 may also have a PS/2 keyboard).
 		s += `echo "` + AskLine + `"
 read line
 echo "` + GotPrefix + `$line"
-mkdir -p /tmp
+`
+	}
+	if o.Interactive || o.Serve {
+		// The first event of an input device named "Power Button" is
+		// the press (q35 may also have a PS/2 keyboard). Each reader
+		// opens its device before it says it is ready, and the waiting
+		// line comes after all are: a press from then on is queued
+		// for them, not lost (tests press as soon as they see the line).
+		s += `mkdir -p /tmp
 evs=
 for e in /sys/class/input/event*; do
 	grep -q "Power Button" $e/device/name 2>/dev/null && evs="$evs /dev/input/${e##*/}"
 done
-for ev in $evs; do (head -c 1 $ev >/dev/null; touch /tmp/pressed) & done
+for ev in $evs; do (exec <$ev; touch /tmp/ready.${ev##*/}; head -c 1 >/dev/null; touch /tmp/pressed) & done
+for ev in $evs; do
+	i=0
+	while [ ! -e /tmp/ready.${ev##*/} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+done
 echo "` + WaitingLine + ` ($evs)"
 while [ ! -e /tmp/pressed ]; do sleep 0.2; done
 echo "` + PressedLine + `"
@@ -218,12 +269,16 @@ while :; do sleep 1; done
 	return s + "poweroff -f\n"
 }
 
-// writeInitrd writes a newc cpio: busybox, the init script and the
-// virtio block modules (with their dependencies, in load order).
+// writeInitrd writes a newc cpio: busybox, the init script, the
+// virtio block (and, to serve, network) modules with their
+// dependencies, in load order, and what a Serve disk serves.
 func writeInitrd(path string, o Options) error {
 	want := []string{"virtio_pci", "virtio_blk"}
-	if o.Interactive {
-		want = append(want, "button", "evdev") // the ACPI power button as /dev/input/event0
+	if o.Serve {
+		want = append(want, initrd.NetworkModules()...)
+	}
+	if o.Interactive || o.Serve {
+		want = append(want, "button", "evdev") // the ACPI power button as /dev/input/event*
 	}
 	mods, err := initrd.Resolve(o.Kernel.ModulesDir, want)
 	if err != nil {
@@ -240,6 +295,10 @@ func writeInitrd(path string, o Options) error {
 	w.add("dev/console", 0o020600, 5, 1, nil)
 	w.add("bin/busybox", 0o100755, 0, 0, bb)
 	w.add("init", 0o100755, 0, 0, []byte(initScript(o)))
+	if o.Serve {
+		w.add("www", 0o040755, 0, 0, nil)
+		w.add("www/index.html", 0o100644, 0, 0, []byte(ServeBody))
+	}
 	var names []string
 	for _, m := range mods {
 		b, err := os.ReadFile(m.Path)
