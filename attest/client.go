@@ -87,10 +87,26 @@ func (c *Client) Resource(ctx context.Context, path string) ([]byte, error) {
 	}
 
 	// 1. auth
+	extra := map[string]json.RawMessage{"supported-hash-algorithms": json.RawMessage(`["` + HashSHA384 + `"]`)}
+	if ap, ok := c.Attester.(AuthParamser); ok {
+		more, err := ap.AuthParams(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("%s auth parameters: %w", c.Attester.Tee(), err)
+		}
+		for k, v := range more {
+			if _, taken := extra[k]; !taken {
+				extra[k] = v
+			}
+		}
+	}
+	extraJSON, err := json.Marshal(extra)
+	if err != nil {
+		return nil, fmt.Errorf("%s auth parameters: %w", c.Attester.Tee(), err)
+	}
 	req, _ := json.Marshal(Request{
 		Version:     ProtocolVersion,
 		Tee:         c.Attester.Tee(),
-		ExtraParams: json.RawMessage(`{"supported-hash-algorithms":["` + HashSHA384 + `"]}`),
+		ExtraParams: extraJSON,
 	})
 	body, err := s.do(ctx, "auth", "", http.MethodPost, c.endpoint("auth"), req, MaxChallengeSize)
 	if err != nil {
@@ -105,6 +121,11 @@ func (c *Client) Resource(ctx context.Context, path string) ([]byte, error) {
 	}
 	if err := checkSelectedHash(ch.ExtraParams); err != nil {
 		return nil, fmt.Errorf("kbs auth at %s: %w", c.BaseURL, err)
+	}
+	if ct, ok := c.Attester.(ChallengeTaker); ok {
+		if err := ct.TakeChallenge(ctx, ch.ExtraParams); err != nil {
+			return nil, fmt.Errorf("answering the broker's %s challenge: %w", c.Attester.Tee(), err)
+		}
 	}
 
 	// 2. attest

@@ -120,11 +120,15 @@ func (i *initProc) boot(ctx context.Context) error {
 		if err != nil {
 			return step(proto.StageConfig, err)
 		}
-		i.keys = BrokerKey{Port: p[proto.PortKBS]}
+		i.keys = BrokerKey{Port: p[proto.PortKBS], Stage: i.stage}
 	}
 	i.stage(proto.StageConfig)
 
-	u, err := unlock(ctx, "/dev/vda", i.cfg, i.keys)
+	keys := i.keys
+	if _, dev := keys.(ConfigPassphrase); !dev {
+		keys = stagedKeys{KeySource: keys, done: func() { i.stage(proto.StageKey) }}
+	}
+	u, err := unlock(ctx, "/dev/vda", i.cfg, keys)
 	i.cfg.Passphrase = "" // a Go string cannot be wiped; at least drop it
 	if err != nil {
 		return step(proto.StageUnlock, err)

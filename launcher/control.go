@@ -380,6 +380,7 @@ var stageNames = map[string]string{
 	proto.StageModules: "guest kernel booted, modules loaded",
 	proto.StagePorts:   "guest control port open",
 	proto.StageConfig:  "guest got its config",
+	proto.StageKey:     "guest got its key (attestation)",
 	proto.StageUnlock:  "guest unlock (LUKS, dm-crypt)",
 	proto.StageMount:   "guest root mounted",
 	proto.StageNetwork: "guest network up",

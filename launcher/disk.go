@@ -317,6 +317,7 @@ func RunDisk(ctx context.Context, sess *images.Session, opts DiskOptions) (exitC
 		CPUs:     o.CPUs, MemoryMiB: o.MemoryMiB, Accel: accel,
 		Disks:         []vm.Disk{boot},
 		ConsoleSocket: filepath.Join(rf.dir, "console.sock"),
+		RNG:           true,
 		RunDir:        rf.dir,
 	}
 	if o.CloudInit != "" {

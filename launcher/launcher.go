@@ -27,6 +27,7 @@ import (
 	"github.com/cwrun/cwrun/launcher/kernel"
 	"github.com/cwrun/cwrun/launcher/qemu"
 	"github.com/cwrun/cwrun/launcher/vm"
+	"github.com/cwrun/cwrun/sealed"
 )
 
 // Options say how to run one sealed image. The zero value of each
@@ -87,6 +88,23 @@ type Options struct {
 	// Name names the VM and its run folder; default a random one.
 	Name string
 
+	// TPMDevice is a host TPM character device (e.g. /dev/tpm0) that a
+	// guest sealed for --tee tpm gets instead of a software TPM of its
+	// own (QEMU's pass-through: the guest's firmware extends the host
+	// TPM's PCRs, so the host must not use the TPM meanwhile). Its AK is
+	// the same on every boot, so a broker may trust it by its "ak"
+	// reference, or by its manufacturer's EK CA. Default: a fresh swtpm
+	// per run.
+	TPMDevice string
+	// TPMCADir is the vTPM CA that signs each software TPM's EK
+	// certificate (see TPMCA); default DefaultTPMCADir(), made on first
+	// use.
+	TPMCADir string
+	// CmdlineAppend is added to the guest kernel's command line. It is
+	// for tests of measured boot: a tpm guest's command line is measured,
+	// so one changed this way gets no key from a broker.
+	CmdlineAppend string
+
 	// Signals are the signals cwrun received: the first sends SIGTERM
 	// to the workload (or stops a VM that is still booting), and the VM
 	// is killed StopTimeout later or at the second signal.
@@ -135,6 +153,19 @@ type Options struct {
 //     kernel's own code guard against miscompilation, not against the
 //     host, and cost about 0.3 s of a TCG boot.
 const Cmdline = "console=ttyS0 quiet panic=-1 acpi=noirq cryptomgr.notests"
+
+// defaultMemoryMiB is a guest's RAM when neither the run nor the sealed
+// config says.
+const defaultMemoryMiB = 512
+
+// TPMCmdline is the command line of tpm runs (UEFI firmware on q35): a
+// fixed string, since the firmware measures it and a broker holds its
+// digest.
+const TPMCmdline = Cmdline
+
+// firmwareAllowance is added to ReadyTimeout for UEFI boots: OVMF alone
+// takes about 14 s under TCG here, more on a loaded host.
+const firmwareAllowance = 2 * time.Minute
 
 // Volume is a -v HOSTDIR:GUESTDIR[:ro].
 type Volume struct {
@@ -240,6 +271,11 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 		if err := teeHost(disk.Config.TEE, "/sys"); err != nil {
 			return 0, fmt.Errorf("%s: %w", disk.Image, err)
 		}
+		if disk.Config.TEE == sealed.TEETPM && o.TPMDevice == "" {
+			if _, _, err := swtpmTools(); err != nil {
+				return 0, fmt.Errorf("%s is sealed for tpm: %w", disk.Image, err)
+			}
+		}
 		if rl, err = newRelay(bk, o.Log); err != nil {
 			return 0, err
 		}
@@ -267,40 +303,90 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 	if cpus == 0 {
 		cpus = max(disk.Config.CPUs, 1)
 	}
+	sealedMem := disk.Config.RAMMiB
+	if sealedMem == 0 {
+		sealedMem = defaultMemoryMiB
+	}
 	if mem == 0 {
-		mem = disk.Config.RAMMiB
-		if mem == 0 {
-			mem = 512
-		}
+		mem = sealedMem
 	}
 
-	k, err := guestKernel(ctx, o)
-	if err != nil {
-		return 0, err
-	}
-	mods := initrd.BaseModules()
 	network := o.Network == "user"
-	if network {
-		mods = append(mods, initrd.NetworkModules()...)
+	runDir := rf.dir
+	// A tpm guest whose key comes from a broker boots through UEFI
+	// firmware, which measures kernel, initrd and command line into the
+	// TPM: exactly the files TPMBoot names, whatever the run's flags.
+	measured := rl != nil && disk.Config.TEE == sealed.TEETPM
+	if measured && mem != sealedMem {
+		// See tpm.DirectBoot: QEMU writes the initrd's address, which
+		// follows the RAM size, into the kernel header the firmware
+		// measures.
+		return 0, fmt.Errorf("%s is sealed for tpm with %d MiB of memory, and the broker expects the kernel digest of a boot with exactly that much (QEMU writes the initrd's address, which depends on the memory size, into the measured kernel header): run it without --memory, or seal it again with --memory %d", disk.Image, sealedMem, mem)
 	}
-	if len(o.Volumes) > 0 {
-		mods = append(mods, "virtiofs")
+	var kernelPath, initrdPath, cmdline string
+	var fw *vm.Firmware
+	var guestTPMDev *vm.TPM
+	if measured {
+		if fw, err = qemu.OVMF(runDir); err != nil {
+			return 0, fmt.Errorf("%s is sealed for tpm, which boots through UEFI firmware: %w", disk.Image, err)
+		}
+		// Manufacturing the vTPM (key generation) takes a second or
+		// more: it runs while the kernel and initrd are found.
+		type vtpmResult struct {
+			dev  *vm.TPM
+			stop func()
+			err  error
+		}
+		tc := make(chan vtpmResult, 1)
+		go func() {
+			d, stop, err := guestTPM(ctx, o, runDir)
+			tc <- vtpmResult{d, stop, err}
+		}()
+		kernelPath, initrdPath, cmdline, err = tpmBoot(ctx, o, initPath)
+		tr := <-tc
+		if tr.err == nil {
+			defer tr.stop()
+		}
+		if err != nil {
+			return 0, err
+		}
+		if tr.err != nil {
+			return 0, tr.err
+		}
+		guestTPMDev = tr.dev
+		o.ReadyTimeout += firmwareAllowance
+	} else {
+		k, err := guestKernel(ctx, o)
+		if err != nil {
+			return 0, err
+		}
+		mods := initrd.BaseModules()
+		if network {
+			mods = append(mods, initrd.NetworkModules()...)
+		}
+		if len(o.Volumes) > 0 {
+			mods = append(mods, "virtiofs")
+		}
+		if k.ModulesDir == "" {
+			mods = nil
+		}
+		if initrdPath, err = initrd.Build(ctx, initrd.Spec{Init: initPath, ModulesDir: k.ModulesDir, Modules: mods}); err != nil {
+			return 0, err
+		}
+		kernelPath, cmdline = k.Vmlinuz, Cmdline
 	}
-	if k.ModulesDir == "" {
-		mods = nil
-	}
-	initrdPath, err := initrd.Build(ctx, initrd.Spec{Init: initPath, ModulesDir: k.ModulesDir, Modules: mods})
-	if err != nil {
-		return 0, err
+	if o.CmdlineAppend != "" {
+		cmdline += " " + o.CmdlineAppend
 	}
 
-	runDir := rf.dir
 	spec := vm.Spec{
-		Name: filepath.Base(runDir), Kernel: k.Vmlinuz, Initrd: initrdPath,
-		Cmdline: Cmdline,
-		CPUs:    cpus, MemoryMiB: mem, Accel: accel,
+		Name: filepath.Base(runDir), Kernel: kernelPath, Initrd: initrdPath,
+		Cmdline:  cmdline,
+		Firmware: fw, TPM: guestTPMDev,
+		CPUs: cpus, MemoryMiB: mem, Accel: accel,
 		Disks:   []vm.Disk{{Path: disk.Path, Format: "raw", Snapshot: true}},
 		Console: filepath.Join(runDir, "console.log"),
+		RNG:     true, // an unused device costs nothing where the kernel lacks the driver
 		RunDir:  runDir,
 	}
 	portNames := []string{proto.PortControl, proto.PortStdout, proto.PortStderr}
@@ -412,6 +498,40 @@ func findInit(given string) (string, error) {
 	tried = append(tried, p)
 	return "", fmt.Errorf("the guest init cwrun-init was not found (looked at %s): build it with `make build` (it goes next to cwrun) or install it as %s",
 		strings.Join(tried, ", "), p)
+}
+
+// TPMBoot returns the kernel, initrd and command line that a tpm run
+// with opts boots (opts' Kernel and InitPath, else Debian's cloud kernel
+// and the installed cwrun-init): byte for byte the same for the same
+// cwrun and kernel, whatever else the run asks for (network, volumes),
+// since a broker holds their digests as reference values. The initrd
+// carries one fixed module set (base, network, virtiofs).
+func TPMBoot(ctx context.Context, opts Options) (kernel, initrd, cmdline string, err error) {
+	o, err := opts.withDefaults()
+	if err != nil {
+		return "", "", "", err
+	}
+	initPath, err := findInit(o.InitPath)
+	if err != nil {
+		return "", "", "", err
+	}
+	return tpmBoot(ctx, o, initPath)
+}
+
+func tpmBoot(ctx context.Context, o Options, initPath string) (kernelPath, initrdPath, cmdline string, err error) {
+	k, err := guestKernel(ctx, o)
+	if err != nil {
+		return "", "", "", err
+	}
+	var mods []string
+	if k.ModulesDir != "" {
+		mods = append(append(initrd.BaseModules(), initrd.NetworkModules()...), "virtiofs")
+	}
+	initrdPath, err = initrd.Build(ctx, initrd.Spec{Init: initPath, ModulesDir: k.ModulesDir, Modules: mods})
+	if err != nil {
+		return "", "", "", err
+	}
+	return k.Vmlinuz, initrdPath, TPMCmdline, nil
 }
 
 func guestKernel(ctx context.Context, o Options) (kernel.Kernel, error) {

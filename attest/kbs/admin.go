@@ -122,6 +122,7 @@ func (s *Server) addWorkload(r *http.Request, spec *WorkloadSpec, via string) (W
 	if err != nil {
 		return WorkloadInfo{}, err
 	}
+	defer s.forgetWorkloads()
 	if err := s.store.AddWorkload(r.Context(), w); err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return WorkloadInfo{}, errorf(http.StatusConflict, "workload %s already exists; replace it with PUT /kbs/v0/admin/workloads/%s", spec.ID, spec.ID)
@@ -195,6 +196,7 @@ func (s *Server) handleWorkload(w http.ResponseWriter, r *http.Request, p []stri
 		return nil
 	case http.MethodDelete:
 		err := s.store.DeleteWorkload(ctx, id)
+		s.forgetWorkloads()
 		if errors.Is(err, store.ErrNotFound) {
 			return errorf(http.StatusNotFound, "no workload %s registered", id)
 		}
@@ -238,7 +240,9 @@ func (s *Server) handleWorkload(w http.ResponseWriter, r *http.Request, p []stri
 	if spec.Passphrase == "" {
 		nw.SealedPassphrase = old.SealedPassphrase
 	}
-	if err := s.store.UpdateWorkload(ctx, nw); err != nil {
+	err = s.store.UpdateWorkload(ctx, nw)
+	s.forgetWorkloads()
+	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return errorf(http.StatusNotFound, "workload %s was deleted meanwhile", id)
 		}

@@ -77,7 +77,8 @@ func (s *Server) appraiseWorkload(ctx context.Context, wl *store.Workload, c *to
 		// A missing claim counts as debug allowed: fail closed.
 		return denied(checkDebug, "workload %s: the SNP guest policy allows debugging, so the host can read the guest's memory; register references policy_debug=[\"true\"] to accept such guests", wl.ID)
 	}
-	if anchor, ok := anchorReference[wl.Tee]; ok && len(wl.References[anchor]) == 0 && wl.Policy == "" {
+	if anchors, ok := anchorReference[wl.Tee]; ok && !slices.ContainsFunc(anchors, func(a string) bool { return len(wl.References[a]) > 0 }) && wl.Policy == "" {
+		anchor := strings.Join(anchors, " or ")
 		return denied(checkReference, "workload %s registers no %s reference value, so any %s guest would pass; register the expected %s (or a workload policy)", wl.ID, anchor, wl.Tee, anchor)
 	}
 	names := make([]string, 0, len(wl.References))
@@ -92,7 +93,7 @@ func (s *Server) appraiseWorkload(ctx context.Context, wl *store.Workload, c *to
 			return denied(checkReference, "workload %s requires claim %s, which the %s evidence does not carry", wl.ID, n, c.Cwrun.Tee)
 		}
 		if !slices.ContainsFunc(accepted, func(v string) bool { return strings.EqualFold(v, got) }) {
-			return denied(checkReference, "%s %s not among the %d registered for workload %s", n, abbrev(got), len(accepted), wl.ID)
+			return denied(checkReference, "%s %s not among the %d registered for workload %s (expected %s)", n, abbrev(got), len(accepted), wl.ID, abbrevList(accepted))
 		}
 	}
 	if wl.Policy != "" {
@@ -115,10 +116,12 @@ func (s *Server) appraiseWorkload(ctx context.Context, wl *store.Workload, c *to
 // TD measurement for TDX, and for a TPM the attestation key itself (a
 // quote by an unknown key is anyone's). A workload must name it, or
 // carry its own policy.
-var anchorReference = map[string]string{
-	attest.TeeSNP: "measurement",
-	attest.TeeTDX: "mr_td",
-	attest.TeeTPM: "ak",
+// For a TPM, "ek_ca" stands in for "ak": the AK proved by credential
+// activation to live in a TPM whose EK that CA vouches for.
+var anchorReference = map[string][]string{
+	attest.TeeSNP: {"measurement"},
+	attest.TeeTDX: {"mr_td"},
+	attest.TeeTPM: {"ak", "ek_ca"},
 }
 
 // appraiseGeneric gates resources other than workload passphrases.
@@ -187,6 +190,21 @@ func abbrev(v string) string {
 		return v
 	}
 	return v[:8] + "…"
+}
+
+// abbrevList shows the first accepted values, abbreviated: reference
+// values are measurements, not secrets, and the pair got/expected is
+// what tells an operator which input changed.
+func abbrevList(vs []string) string {
+	out := make([]string, 0, 3)
+	for i, v := range vs {
+		if i == 3 {
+			out = append(out, fmt.Sprintf("and %d more", len(vs)-3))
+			break
+		}
+		out = append(out, abbrev(v))
+	}
+	return strings.Join(out, ", ")
 }
 
 // policyEvalTimeout bounds one policy evaluation; a policy that loops

@@ -227,6 +227,7 @@ func FuzzSessionCookie(f *testing.F) {
 	for _, ss := range []session{
 		{Tee: "sample", Nonce: "n", Expires: time.Unix(1700000000, 0)},
 		{Tee: "snp", Nonce: strings.Repeat("x", 44), Expires: time.Unix(1, 0), Token: "a.b.c"},
+		{Epoch: 0x0102030405060708, Tee: "sample", Nonce: "n", Expires: time.Unix(1700000000, 0)},
 	} {
 		v, _ := b.srv.sealSession(ss)
 		raw, _ := base64.RawURLEncoding.DecodeString(v)
@@ -235,6 +236,8 @@ func FuzzSessionCookie(f *testing.F) {
 	}
 	f.Add([]byte{1})
 	f.Add([]byte{1, 0, 0, 0, 0, 0, 0, 0, 0, 255})
+	// Version 1, sealed before the epoch: {Tee: "t", Nonce: "n"}.
+	f.Add([]byte{1, 0, 0, 0, 0, 0, 0, 0, 9, 1, 't', 1, 'n', 0, 0})
 	f.Fuzz(func(t *testing.T, pt []byte) {
 		ss, err := parseSession(pt)
 		if err != nil {
@@ -245,7 +248,7 @@ func FuzzSessionCookie(f *testing.F) {
 			t.Fatalf("parsed session does not seal: %v", err)
 		}
 		back, err := b.srv.openSession(v)
-		if err != nil || back.Tee != ss.Tee || back.Nonce != ss.Nonce || back.Token != ss.Token || !back.Expires.Equal(ss.Expires) {
+		if err != nil || back.Epoch != ss.Epoch || back.Tee != ss.Tee || back.Nonce != ss.Nonce || back.Token != ss.Token || !back.Expires.Equal(ss.Expires) {
 			t.Fatalf("round trip: %+v → %+v (%v)", ss, back, err)
 		}
 		// Random cookie values never open.

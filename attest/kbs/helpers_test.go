@@ -113,9 +113,11 @@ type broker struct {
 
 type brokerOpt func(*Options)
 
+// openStore opens a SQLite store as `cwrun kbs serve` does: exclusive,
+// spent nonces in memory.
 func openStore(t testing.TB) *sqlite.Store {
 	t.Helper()
-	st, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "kbs.db"))
+	st, err := sqlite.OpenExclusive(context.Background(), filepath.Join(t.TempDir(), "kbs.db"))
 	if err != nil {
 		t.Fatal(err)
 	}

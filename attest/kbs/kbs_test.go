@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/cwrun/cwrun/attest"
 	"github.com/cwrun/cwrun/attest/kbs/store"
+	"github.com/cwrun/cwrun/attest/kbs/store/sqlite"
 	"github.com/cwrun/cwrun/attest/sample"
 )
 
@@ -897,6 +899,9 @@ func TestLogsCarryNoSecrets(t *testing.T) {
 	w, _ := b.store.Workload(ctx, "ok")
 	w.SealedPassphrase[len(w.SealedPassphrase)-1] ^= 1
 	b.store.UpdateWorkload(ctx, w)
+	// Written behind the broker's back: it would show within
+	// workloadTTL; drop the broker's copy so that it shows now.
+	b.srv.forgetWorkloads()
 	g := b.guest(sample.NewAttester())
 	g.handshake()
 	g.fetch(PassphrasePath("ok"))
@@ -978,5 +983,129 @@ func TestClientEndToEnd(t *testing.T) {
 	_, err = c.Resource(ctx, PassphrasePath("nope"))
 	if !errors.As(err, &be) || be.Status != 404 || !strings.Contains(be.Reason, "no workload nope registered") {
 		t.Fatalf("unknown workload: %v", err)
+	}
+}
+
+// TestSessionFromBeforeRestartRefused: the SQLite broker keeps spent
+// nonces in memory, so a session that /auth opened before a restart
+// must not be answered after it, even though the cookie still opens
+// with the same keys and has not expired; the answer says why. A new
+// session on the restarted broker works, and a durable store (Open,
+// no epoch) has no such rule.
+func TestSessionFromBeforeRestartRefused(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "kbs.db")
+	k := newKeys(t)
+	st1, err := sqlite.OpenExclusive(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1 := newBrokerOn(t, st1, k)
+	b1.addWorkload(WorkloadSpec{ID: "web", Tee: attest.TeeSample, Passphrase: passphrase})
+	g := b1.guest(sample.NewAttester())
+	nonce := g.auth()
+	cookies := g.hc.Jar.Cookies(mustURL(t, b1.ts.URL+"/kbs/v0/attest"))
+	if len(cookies) != 1 {
+		t.Fatalf("cookies: %v", cookies)
+	}
+	body := g.attestBody(nonce, g.key.JWK, g.key.JWK)
+	// The restart: the first broker goes away with its store.
+	b1.ts.Close()
+	if err := st1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st2, err := sqlite.OpenExclusive(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st2.Close() })
+	b2 := newBrokerOn(t, st2, k)
+	st, out := doReq(t, b2.ts.Client(), http.MethodPost, b2.ts.URL+"/kbs/v0/attest", body,
+		"Cookie", cookies[0].Name+"="+cookies[0].Value)
+	wantError(t, st, out, http.StatusUnauthorized, "session began before this broker restarted")
+	if !strings.Contains(b2.logs.String(), "session began before the broker restarted") {
+		t.Errorf("the denial is not logged with its reason:\n%s", b2.logs.String())
+	}
+	// A guest that starts again is served.
+	g2 := b2.guest(sample.NewAttester())
+	g2.handshake()
+	if st, pt := g2.fetch(PassphrasePath("web")); st != http.StatusOK || string(pt) != passphrase {
+		t.Fatalf("fresh session after the restart: %d %q", st, pt)
+	}
+
+	// With nonces in the database, a session survives a restart, and
+	// its replay is still caught by the table.
+	path = filepath.Join(t.TempDir(), "durable.db")
+	d1, err := sqlite.Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b3 := newBrokerOn(t, d1, k)
+	b3.addWorkload(WorkloadSpec{ID: "web", Tee: attest.TeeSample, Passphrase: passphrase})
+	g3 := b3.guest(sample.NewAttester())
+	nonce = g3.auth()
+	cookies = g3.hc.Jar.Cookies(mustURL(t, b3.ts.URL+"/kbs/v0/attest"))
+	body = g3.attestBody(nonce, g3.key.JWK, g3.key.JWK)
+	b3.ts.Close()
+	d1.Close()
+	d2, err := sqlite.Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d2.Close() })
+	b4 := newBrokerOn(t, d2, k)
+	for i, want := range []int{http.StatusOK, http.StatusUnauthorized} {
+		st, out := doReq(t, b4.ts.Client(), http.MethodPost, b4.ts.URL+"/kbs/v0/attest", body,
+			"Cookie", cookies[0].Name+"="+cookies[0].Value)
+		if st != want {
+			t.Fatalf("durable store, attempt %d: %d %s, want %d", i, st, out, want)
+		}
+	}
+}
+
+// TestWorkloadChangesApply: releases use a copy of the workload read
+// within workloadTTL. A change through the broker that serves the
+// release applies at once; one through another replica within
+// workloadTTL.
+func TestWorkloadChangesApply(t *testing.T) {
+	st := openStore(t)
+	k := newKeys(t)
+	b1 := newBrokerOn(t, st, k)
+	b2 := newBrokerOn(t, st, k)
+	ctx := context.Background()
+	spec := WorkloadSpec{ID: "web", Tee: attest.TeeSample, Passphrase: passphrase}
+	b1.addWorkload(spec)
+	release := func(b *broker) (int, []byte) {
+		g := b.guest(sample.NewAttester())
+		g.handshake()
+		return g.fetch(PassphrasePath("web"))
+	}
+	if st, pt := release(b1); st != http.StatusOK || string(pt) != passphrase {
+		t.Fatalf("first release: %d %q", st, pt)
+	}
+	// Replaced through b1: b1's next release has the new passphrase.
+	spec.Passphrase = "second passphrase"
+	if _, err := b1.admin.ReplaceWorkload(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	if st, pt := release(b1); st != http.StatusOK || string(pt) != spec.Passphrase {
+		t.Fatalf("release right after a local update: %d %q, want the new passphrase", st, pt)
+	}
+	// Deleted through b2: b1 stops releasing within workloadTTL.
+	if err := b2.admin.DeleteWorkload(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := release(b2); st != http.StatusNotFound {
+		t.Fatalf("release on the deleting replica: %d, want 404 at once", st)
+	}
+	time.Sleep(workloadTTL + 100*time.Millisecond)
+	st1, out := release(b1)
+	wantError(t, st1, out, http.StatusNotFound, "no workload web registered")
+	// Registered again through b2: b1 serves it at once (a missing
+	// workload is never cached).
+	spec.Passphrase = "third passphrase"
+	b2.addWorkload(spec)
+	if st, pt := release(b1); st != http.StatusOK || string(pt) != spec.Passphrase {
+		t.Fatalf("release of a workload registered on a replica: %d %q", st, pt)
 	}
 }

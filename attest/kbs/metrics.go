@@ -22,7 +22,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "cwrun", Subsystem: "kbs", Name: "handshakes_total",
-			Help: "KBS handshake steps by TEE and outcome (challenged, ok, rejected, replay, expired, bad_request, no_session).",
+			Help: "KBS handshake steps by TEE and outcome (challenged, ok, rejected, replay, expired, restarted, bad_request, no_session).",
 		}, []string{"tee", "outcome"}),
 		denials: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "cwrun", Subsystem: "kbs", Name: "denials_total",
@@ -55,7 +55,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-var knownOutcomes = []string{"challenged", "ok", "rejected", "replay", "expired", "bad_request", "no_session"}
+var knownOutcomes = []string{"challenged", "ok", "rejected", "replay", "expired", "restarted", "bad_request", "no_session"}
 
 // handshake counts one step; an unknown TEE name is counted as "other"
 // so that clients cannot grow the label set.

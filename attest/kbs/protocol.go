@@ -47,12 +47,20 @@ func (s *Server) handleAuth(w http.ResponseWriter, r *http.Request, _ []string) 
 	if _, err := rand.Read(n[:]); err != nil {
 		return err
 	}
-	ss := session{Tee: req.Tee, Nonce: base64.StdEncoding.EncodeToString(n[:]), Expires: s.now().Add(s.sessionTTL)}
+	ss := session{Epoch: s.epoch, Tee: req.Tee, Nonce: base64.StdEncoding.EncodeToString(n[:]), Expires: s.now().Add(s.sessionTTL)}
+	var extra json.RawMessage
+	if c, ok := s.verifiers[req.Tee].(challenger); ok {
+		if extra, err = c.Challenge(r.Context(), ss.Nonce, req.ExtraParams); err != nil {
+			s.metrics.handshake(req.Tee, "rejected")
+			s.deny(r.Context(), r, "evidence", err.Error(), "", req.Tee, false)
+			return errorf(http.StatusUnauthorized, "%s auth parameters rejected: %v", req.Tee, err)
+		}
+	}
 	if err := s.setSessionCookie(w, ss); err != nil {
 		return err
 	}
 	s.metrics.handshake(req.Tee, "challenged")
-	writeRawJSON(w, appendChallenge(make([]byte, 0, 96), ss.Nonce))
+	writeRawJSON(w, appendChallengeExtra(make([]byte, 0, 96+len(extra)), ss.Nonce, extra))
 	return nil
 }
 
@@ -77,6 +85,14 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 		s.metrics.handshake(ss.Tee, "expired")
 		s.deny(ctx, r, "session", "session expired", "", ss.Tee, false)
 		return errorf(http.StatusUnauthorized, "session expired at %s: start again at /kbs/v0/auth", ss.Expires.UTC().Format("15:04:05Z"))
+	}
+	if ss.Epoch != s.epoch && s.epoch != 0 {
+		// The store keeps spent nonces in memory, and this session's
+		// nonce was handed out before they were last forgotten: whether
+		// it was answered since is unknown, so it never is again.
+		s.metrics.handshake(ss.Tee, "restarted")
+		s.deny(ctx, r, "session", "session began before the broker restarted", "", ss.Tee, false)
+		return errorf(http.StatusUnauthorized, "session began before this broker restarted (it keeps spent nonces in memory, so it answers no earlier session): start again at /kbs/v0/auth")
 	}
 	body, err := readBody(w, r, maxEvidenceBody, "attestation")
 	if err != nil {
@@ -123,7 +139,7 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 		}
 		return storeErr("use nonce", err)
 	}
-	claims, err := v.Verify(ctx, at.TeeEvidence.Primary, expected)
+	claims, err := verify(ctx, v, at.TeeEvidence.Primary, expected, ss.Nonce)
 	if err != nil {
 		if ctx.Err() != nil {
 			return errorf(http.StatusServiceUnavailable, "evidence check interrupted: %v", ctx.Err())
@@ -144,7 +160,7 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 	if err != nil {
 		return err
 	}
-	if err := s.setSessionCookie(w, session{Tee: ss.Tee, Nonce: ss.Nonce, Expires: exp, Token: tok}); err != nil {
+	if err := s.setSessionCookie(w, session{Epoch: ss.Epoch, Tee: ss.Tee, Nonce: ss.Nonce, Expires: exp, Token: tok}); err != nil {
 		return err
 	}
 	s.metrics.handshake(ss.Tee, "ok")
@@ -291,7 +307,7 @@ const (
 
 func (s *Server) releasePassphrase(r *http.Request, c *tokenView, payload []byte, id, rp string) ([]byte, error) {
 	ctx := r.Context()
-	wl, err := s.store.Workload(ctx, id)
+	wl, err := s.workload(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
 		s.deny(ctx, r, "workload", "no workload "+id+" registered", id, c.Cwrun.Tee, c.Cwrun.Insecure)
 		return nil, errorf(http.StatusNotFound, "no workload %s registered", id)

@@ -46,6 +46,7 @@ const (
 // answer any step.
 type Server struct {
 	store      store.Store
+	epoch      uint64 // the store's nonce epoch; 0: it keeps nonces durably
 	verifiers  map[string]attest.Verifier
 	token      *tokenSigner
 	cookie     cipher.AEAD
@@ -59,6 +60,8 @@ type Server struct {
 	metrics    *metrics
 	policies   *policyCache
 	routes     routes
+
+	workloads workloadCache // see workload
 
 	// The broker-wide resource policy as last read (see resourcePolicy).
 	polMu sync.Mutex
@@ -124,6 +127,11 @@ func New(opts Options) (*Server, error) {
 		log:        opts.Logger,
 		now:        opts.Now,
 		policies:   newPolicyCache(),
+	}
+	if ne, ok := opts.Store.(store.NonceEpocher); ok {
+		if e, ok := ne.NonceEpoch(); ok {
+			s.epoch = e
+		}
 	}
 	if s.sessionTTL <= 0 {
 		s.sessionTTL = DefaultSessionTTL

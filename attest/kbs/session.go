@@ -17,6 +17,9 @@ const CookieName = "kbs-session-id"
 // /resource. The broker keeps nothing: whoever holds the cookie key can
 // open it, so every replica can.
 type session struct {
+	// Epoch is the store's nonce epoch when /auth made the session (0:
+	// the store records nonces durably); see store.NonceEpocher.
+	Epoch   uint64
 	Tee     string
 	Nonce   string
 	Expires time.Time
@@ -27,15 +30,18 @@ type session struct {
 
 // Sealed form: base64url(nonce[12] || AES-256-GCM(plaintext, aad)), with
 //
-//	plaintext = version(1)=1 || expires unix seconds (8, big endian) ||
+//	plaintext = version(1)=2 || epoch (8, big endian) ||
+//	            expires unix seconds (8, big endian) ||
 //	            len(tee)(1) || tee || len(nonce)(1) || nonce ||
 //	            len(token)(2) || token
 //
-// A binary layout keeps the cookie small (the upgraded one carries a
-// whole token) and its parser trivial.
+// Version 1, sealed by brokers before the epoch, lacks the epoch field;
+// it still opens, as epoch 0. A binary layout keeps the cookie small
+// (the upgraded one carries a whole token) and its parser trivial.
 const (
-	sessionVersion = 1
-	sessionAAD     = "cwrun-kbs session v1"
+	sessionVersion   = 2
+	sessionVersionV1 = 1
+	sessionAAD       = "cwrun-kbs session v1"
 	// maxCookie bounds what is decoded at all: a token is a few KiB.
 	maxCookie = 16 << 10
 )
@@ -44,8 +50,9 @@ func (s *Server) sealSession(ss session) (string, error) {
 	if len(ss.Tee) > 255 || len(ss.Nonce) > 255 || len(ss.Token) > 0xffff {
 		return "", errors.New("session field too long to seal")
 	}
-	pt := make([]byte, 0, 1+8+1+len(ss.Tee)+1+len(ss.Nonce)+2+len(ss.Token))
+	pt := make([]byte, 0, 1+8+8+1+len(ss.Tee)+1+len(ss.Nonce)+2+len(ss.Token))
 	pt = append(pt, sessionVersion)
+	pt = binary.BigEndian.AppendUint64(pt, ss.Epoch)
 	pt = binary.BigEndian.AppendUint64(pt, uint64(ss.Expires.Unix()))
 	pt = append(pt, byte(len(ss.Tee)))
 	pt = append(pt, ss.Tee...)
@@ -90,13 +97,22 @@ func parseSession(pt []byte) (session, error) {
 	bad := func(what string) (session, error) {
 		return session{}, fmt.Errorf("session cookie malformed: %s", what)
 	}
-	if len(pt) < 1+8+1 || pt[0] != sessionVersion {
+	if len(pt) < 1 || pt[0] != sessionVersion && pt[0] != sessionVersionV1 {
 		return bad("version")
 	}
 	var ss session
-	exp := int64(binary.BigEndian.Uint64(pt[1:9]))
-	ss.Expires = time.Unix(exp, 0)
-	p := pt[9:]
+	p := pt[1:]
+	if pt[0] == sessionVersion {
+		if len(p) < 8 {
+			return bad("epoch")
+		}
+		ss.Epoch, p = binary.BigEndian.Uint64(p), p[8:]
+	}
+	if len(p) < 8+1 {
+		return bad("expiry")
+	}
+	ss.Expires = time.Unix(int64(binary.BigEndian.Uint64(p)), 0)
+	p = p[8:]
 	n := int(p[0])
 	p = p[1:]
 	if len(p) < n+1 {

@@ -126,7 +126,7 @@ func (r rootSet) intermediate(key abi.ReportSigner) *x509.Certificate {
 
 // endorsement is a VCEK or VLEK whose chain to AMD's roots was checked.
 type endorsement struct {
-	pub         *ecdsa.PublicKey
+	pub         *p384Key
 	ext         *vekExtensions
 	productLine string
 	// The chain holds only between these times.
@@ -321,7 +321,7 @@ func (v *verifier) Verify(ctx context.Context, evidence json.RawMessage, reportD
 	digest := sha512.Sum384(raw[:offSignature])
 	r := leBigInt(raw[offSignature : offSignature+sigComponentSize])
 	s := leBigInt(raw[offSignature+sigComponentSize : offSignature+2*sigComponentSize])
-	if !ecdsa.Verify(end.pub, digest[:], r, s) {
+	if !verifyP384(end.pub, digest[:], r, s) {
 		return nil, deny(checkSignature, "the %v did not sign this report", key)
 	}
 
@@ -460,7 +460,11 @@ func (v *verifier) checkChain(der []byte, key abi.ReportSigner, productLine stri
 			errs = append(errs, err)
 			continue
 		}
-		e := &endorsement{pub: cert.PublicKey.(*ecdsa.PublicKey), ext: ext, productLine: productLine}
+		pub, err := newP384Key(cert.PublicKey.(*ecdsa.PublicKey))
+		if err != nil {
+			return nil, fmt.Errorf("the %v certificate: %w", key, err)
+		}
+		e := &endorsement{pub: pub, ext: ext, productLine: productLine}
 		for i, c := range chains[0] {
 			if i == 0 || c.NotBefore.After(e.notBefore) {
 				e.notBefore = c.NotBefore

@@ -64,6 +64,9 @@ type Attester struct {
 	spki     []byte
 	eventLog string
 	log      *slog.Logger
+	// ekCert and credSecret are this handshake's credential activation
+	// (AuthParams, TakeChallenge), sent with the next evidence.
+	ekCert, credSecret []byte
 }
 
 // NewAttester opens the TPM and prepares the AK.
@@ -287,6 +290,11 @@ func (a *Attester) Evidence(ctx context.Context, reportData []byte) (json.RawMes
 		}
 		for _, p := range pcrs {
 			ev.Quote.PCRs = append(ev.Quote.PCRs, hex.EncodeToString(p))
+		}
+		if a.credSecret != nil {
+			ev.EKCert = base64.StdEncoding.EncodeToString(a.ekCert)
+			ev.Credential = base64.StdEncoding.EncodeToString(a.credSecret)
+			a.credSecret = nil
 		}
 		if a.eventLog != "-" {
 			if b, err := os.ReadFile(a.eventLog); err == nil && len(b) > 0 {

@@ -48,6 +48,11 @@ type Evidence struct {
 	// EventLog is the firmware's crypto-agile event log, base64; empty
 	// when the guest could not read it.
 	EventLog string `json:"eventlog,omitempty"`
+	// EKCert and Credential are cwrun's credential activation (see
+	// activation.go): the EK certificate (base64 DER) and the secret the
+	// TPM recovered from the broker's credential (base64).
+	EKCert     string `json:"ek_cert,omitempty"`
+	Credential string `json:"ak_credential,omitempty"`
 }
 
 // EvidenceQuote is Trustee's "tpm_quote".
@@ -67,11 +72,22 @@ type Options struct {
 	// RequireEventLog refuses evidence without an event log, for brokers
 	// whose reference values are event digests.
 	RequireEventLog bool
+	// EKCAs are the CA certificates trusted to vouch for TPMs' EKs:
+	// self-signed ones are trust anchors, the others intermediates. A
+	// guest whose EK certificate chains to an anchor proves its AK by
+	// credential activation, and its claims carry "ek_ca", the SHA-256
+	// of the anchor's DER. None: only registered AKs are trusted.
+	EKCAs []*x509.Certificate
+	// CredentialKey is the secret (32 bytes or more) from which the
+	// credentials' secrets are derived per handshake; every replica of
+	// a broker must hold the same. Needed with EKCAs.
+	CredentialKey []byte
 }
 
 type verifier struct {
-	trusted map[[sha256.Size]byte]bool
-	opts    Options
+	trusted                  map[[sha256.Size]byte]bool
+	opts                     Options
+	ekRoots, ekIntermediates *x509.CertPool
 }
 
 // NewVerifier returns the broker-side verifier for `tpm` evidence.
@@ -83,6 +99,24 @@ func NewVerifier(opts Options) (attest.Verifier, error) {
 			return nil, fmt.Errorf("tpm: trusted AK %q is not a hex SHA-256 digest of an AK's SubjectPublicKeyInfo (64 hex digits)", s)
 		}
 		v.trusted[[sha256.Size]byte(b)] = true
+	}
+	if len(opts.EKCAs) > 0 {
+		if len(opts.CredentialKey) < 32 {
+			return nil, fmt.Errorf("tpm: EK CAs need a credential key of at least 32 bytes")
+		}
+		v.ekRoots, v.ekIntermediates = x509.NewCertPool(), x509.NewCertPool()
+		anchors := 0
+		for _, c := range opts.EKCAs {
+			if bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignatureFrom(c) == nil {
+				v.ekRoots.AddCert(c)
+				anchors++
+			} else {
+				v.ekIntermediates.AddCert(c)
+			}
+		}
+		if anchors == 0 {
+			return nil, fmt.Errorf("tpm: the EK CA certificates hold no self-signed (root) certificate to trust")
+		}
 	}
 	return v, nil
 }

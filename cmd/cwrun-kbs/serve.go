@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 
 	"github.com/cwrun/cwrun/attest/kbs/config"
 	"github.com/spf13/cobra"
@@ -85,6 +86,10 @@ func runKbsServe(cmd *cobra.Command, g *globalOpts, o *kbsServeOpts) error {
 		if t == "sample" {
 			fmt.Fprintln(stderr, "cwrun: WARNING: serving --tee sample: its evidence proves NOTHING, any host can get a sample workload's key. For development only.")
 		}
+	}
+	// The broker's garbage is short-lived; see kbs.DefaultGCPercent.
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(c.GOGC())
 	}
 	// The one line saying where it serves is the point of `serve`: log at
 	// info unless the user chose a level.

@@ -53,7 +53,7 @@ func newRootCmd() *cobra.Command {
 	pf.BoolVar(&g.tlsVerify, "tls-verify", true, "require HTTPS and verify certificates when talking to registries")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
 	root.AddCommand(newBuildCmd(g), newInspectCmd(g), newRunCmd(g), newKbsCmd(), newCleanupCmd(g))
-	root.AddCommand(newPullCmd(g), newPushCmd(g))
+	root.AddCommand(newPullCmd(g), newPushCmd(g), newVTPMCACmd())
 	root.AddCommand(append(newOCICmds(root, g), newQuadletCmd())...)
 	return root
 }

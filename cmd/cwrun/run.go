@@ -82,6 +82,10 @@ it), or 125 when cwrun itself failed. SIGINT or SIGTERM sends SIGTERM to the wor
 	f.DurationVar(&o.opts.StopTimeout, "stop-timeout", 10*time.Second, "after SIGINT/SIGTERM, how long the workload may take to stop before the VM is killed")
 	f.DurationVar(&o.opts.ReadyTimeout, "boot-timeout", 60*time.Second, "fail when the guest has not reported ready this long after the VM's start (TCG boots take seconds)")
 	f.BoolVar(&o.opts.Timings, "timings", false, "print the boot breakdown at the end")
+	f.StringVar(&o.opts.TPMDevice, "tpm", "", "--tee tpm images: pass this host TPM (e.g. /dev/tpm0; the guest then owns it while it runs) to the guest instead of a fresh software TPM (untested here: no host TPM)")
+	f.StringVar(&o.opts.TPMCADir, "vtpm-ca", "", "--tee tpm images: the CA folder that signs each software TPM's EK certificate (default /var/lib/cwrun/vtpm-ca as root; a broker trusts its issuercert.pem)")
+	f.StringVar(&o.opts.CmdlineAppend, "x-cmdline-append", "", "append to the guest kernel's command line (tests: a measured tpm boot then gets no key)")
+	_ = f.MarkHidden("x-cmdline-append")
 	return cmd
 }
 

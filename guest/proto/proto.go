@@ -58,6 +58,7 @@ const (
 	StageModules = "modules"
 	StagePorts   = "ports"
 	StageConfig  = "config"
+	StageKey     = "key" // the broker released the key (attested runs only; its failures are "unlock")
 	StageUnlock  = "unlock"
 	StageMount   = "mount"
 	StageNetwork = "network"

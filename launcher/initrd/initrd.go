@@ -23,12 +23,12 @@ import (
 )
 
 // BaseModules are what every boot needs: the virtio PCI transport, the
-// disk, the serial ports and dm-crypt with AES-XTS (aes and cbc are
+// disk, the serial ports, the entropy device and dm-crypt with AES-XTS (aes and cbc are
 // built into Debian's cloud kernel; aesni-intel is left out: it fails
 // with ENODEV on TCG's CPU and the generic AES is enough).
 func BaseModules() []string {
 	return []string{"virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio", "virtio_pci",
-		"virtio_blk", "virtio_console", "dm-mod", "dm-crypt", "ecb", "xts"}
+		"virtio_blk", "virtio_console", "virtio_rng", "dm-mod", "dm-crypt", "ecb", "xts"}
 }
 
 // NetworkModules are added for --network user.

@@ -132,6 +132,9 @@ func Args(spec vm.Spec) ([]string, error) {
 				"-device", fmt.Sprintf("virtserialport,bus=vser0.0,chardev=port%d,name=%s", i, p.Name))
 		}
 	}
+	if spec.RNG {
+		a = append(a, "-device", "virtio-rng-pci")
+	}
 	if n := spec.Network; n != nil {
 		netdev := "user,id=net0"
 		for _, f := range n.Forwards {

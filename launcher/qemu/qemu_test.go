@@ -97,6 +97,7 @@ func TestArgs(t *testing.T) {
 			"-tpmdev": {"passthrough,id=tpm0,path=/dev/tpm0"},
 			"-device": {"tpm-crb,tpmdev=tpm0", "virtio-blk-pci,drive=disk0,bootindex=0"},
 		}, []string{"-kernel", "-initrd", "-append"}},
+		{"entropy device", func(s *vm.Spec) { s.RNG = true }, map[string][]string{"-device": {"virtio-rng-pci"}}, nil},
 		{"9p share", func(s *vm.Spec) {
 			s.Shares = []vm.Share{{Tag: "s", HostPath: "/data", ReadOnly: true, FS: vm.FS9p}}
 		}, map[string][]string{

@@ -43,6 +43,10 @@ type Spec struct {
 	// socket that the VMM listens on and the launcher connects to, both
 	// ways: an interactive console (whole-disk VMs).
 	ConsoleSocket string
+	// RNG gives the guest a virtio entropy device fed by the host, so
+	// that its random pool is seeded at once: a fresh TCG guest
+	// otherwise waits about a second for it at its first getrandom.
+	RNG bool
 	// RunDir holds the VMM's own sockets and files; the launcher owns
 	// and removes it.
 	RunDir string

@@ -28,6 +28,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"github.com/cwrun/cwrun/attest"
+	"github.com/cwrun/cwrun/attest/kbs"
 	"github.com/cwrun/cwrun/attest/kbs/store/storeurl"
 )
 
@@ -64,9 +65,14 @@ type Config struct {
 	// SessionTTL and TokenTTL: "5m", "90s"... Default 5 minutes each.
 	SessionTTL Duration `toml:"session_ttl"`
 	TokenTTL   Duration `toml:"token_ttl"`
+	// GCPercent is the Go garbage collector's target (GOGC) that
+	// `cwrun kbs serve` runs with, 10 to 10000. 0: kbs.DefaultGCPercent
+	// (400). The GOGC environment variable, when set, wins.
+	GCPercent int `toml:"gc_percent"`
 
 	SNP SNP `toml:"snp"`
 	TDX TDX `toml:"tdx"`
+	TPM TPM `toml:"tpm"`
 
 	// Dir is the folder of the file the config came from; relative
 	// paths were resolved against it. Not in the file.
@@ -190,6 +196,9 @@ func (c *Config) resolve() {
 	}
 	c.SNP.VCEKCache = c.Path(c.SNP.VCEKCache)
 	c.TDX.CollateralCache = c.Path(c.TDX.CollateralCache)
+	for i, p := range c.TPM.EKCA {
+		c.TPM.EKCA[i] = c.Path(p)
+	}
 	c.Store = ResolveStore(c.Store, c.Dir)
 }
 
@@ -249,6 +258,9 @@ func (c *Config) Validate() error {
 		bad("secrets_key", err)
 	} else {
 		k.cookie, k.atRest, err = deriveKeys(secret)
+		if err == nil {
+			k.tpmCredential, err = hkdf.Key(sha256.New, secret, nil, tpmCredentialLabel, 32)
+		}
 		clear(secret)
 		if err != nil {
 			bad("secrets_key", err)
@@ -270,11 +282,17 @@ func (c *Config) Validate() error {
 			bad("tls_cert/tls_key", err)
 		}
 	}
+	if c.GCPercent != 0 && (c.GCPercent < 10 || c.GCPercent > 10000) {
+		bad("gc_percent", fmt.Errorf("%d is out of range: give 10 to 10000, or leave it out for %d", c.GCPercent, kbs.DefaultGCPercent))
+	}
 	if err := checkDirOrAbsent(c.SNP.VCEKCache); err != nil {
 		bad("snp.vcek_cache", err)
 	}
 	if err := checkDirOrAbsent(c.TDX.CollateralCache); err != nil {
 		bad("tdx.collateral_cache", err)
+	}
+	if _, err := readEKCAs(c.TPM.EKCA); err != nil {
+		bad("tpm.ek_ca", err)
 	}
 	if len(errs) > 0 {
 		return fieldErrors(errs)
@@ -282,6 +300,15 @@ func (c *Config) Validate() error {
 	c.TEEs = tees
 	c.keys = k
 	return nil
+}
+
+// GOGC is the garbage collector target to serve with: GCPercent, or
+// kbs.DefaultGCPercent when unset.
+func (c *Config) GOGC() int {
+	if c.GCPercent == 0 {
+		return kbs.DefaultGCPercent
+	}
+	return c.GCPercent
 }
 
 // Served reports the TEEs the broker serves, in a stable order.
@@ -332,6 +359,7 @@ func checkDirOrAbsent(p string) error {
 type keys struct {
 	token          *ecdsa.PrivateKey
 	cookie, atRest []byte
+	tpmCredential  []byte
 	admin          []crypto.PublicKey
 }
 

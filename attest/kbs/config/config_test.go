@@ -15,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cwrun/cwrun/attest/kbs"
 )
 
 // initDir runs Init into a fresh folder and returns it.
@@ -233,6 +235,10 @@ func TestLoadErrors(t *testing.T) {
 			replaceConfig(t, dir, `# session_ttl = "5m"`, `session_ttl = "5 minutes"`)
 		},
 			[]string{"session_ttl", "duration"}},
+		{"gc_percent out of range", func(t *testing.T, dir string) {
+			replaceConfig(t, dir, `# gc_percent = 400`, `gc_percent = -1`)
+		},
+			[]string{"gc_percent", "10 to 10000"}},
 		{"tls half", func(t *testing.T, dir string) { replaceConfig(t, dir, `tls_key = "tls.key"`, ``) },
 			[]string{"tls_cert/tls_key", "both or neither"}},
 		{"no store", func(t *testing.T, dir string) { replaceConfig(t, dir, `store = "sqlite:kbs.db"`, ``) },
@@ -272,6 +278,15 @@ func TestLoadSettings(t *testing.T) {
 	c, err := Load(filepath.Join(dir, FileName))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if c.GOGC() != kbs.DefaultGCPercent {
+		t.Errorf("GOGC() = %d with gc_percent unset, want %d", c.GOGC(), kbs.DefaultGCPercent)
+	}
+	replaceConfig(t, dir, `# gc_percent = 400`, `gc_percent = 150`)
+	if c, err := Load(filepath.Join(dir, FileName)); err != nil {
+		t.Errorf("gc_percent = 150: %v", err)
+	} else if c.GOGC() != 150 {
+		t.Errorf("gc_percent = 150: GOGC() = %d", c.GOGC())
 	}
 	if c.Store != "postgres://kbs:pw@db/kbs" {
 		t.Errorf("store = %q", c.Store)

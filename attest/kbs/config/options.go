@@ -68,6 +68,8 @@ func (c *Config) verifiers(logger *slog.Logger) ([]attest.Verifier, error) {
 			v, err = c.snpVerifier(logger)
 		case attest.TeeTDX:
 			v, err = c.tdxVerifier(logger)
+		case attest.TeeTPM:
+			v, err = c.tpmVerifier()
 		default:
 			err = errors.New("no verifier in this build")
 		}

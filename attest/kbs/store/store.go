@@ -92,3 +92,17 @@ type Pruner interface {
 	// returns how many it deleted.
 	PruneNonces(ctx context.Context, now time.Time) (int64, error)
 }
+
+// NonceEpocher is an optional power of a Store whose UseNonce may
+// remember in memory only: the SQLite store opened with OpenExclusive,
+// which no other broker process can share. A broker over such a store
+// seals the epoch into every session at /auth and refuses, at /attest, a
+// session sealed under another epoch: nonces handed out before a
+// restart were forgotten with the process, so their sessions must not
+// be answered after it.
+type NonceEpocher interface {
+	// NonceEpoch returns a random nonzero value that stays the same for
+	// as long as UseNonce's memory lasts (the store is open), and
+	// ok = false when UseNonce records nonces durably (no epoch to check).
+	NonceEpoch() (epoch uint64, ok bool)
+}

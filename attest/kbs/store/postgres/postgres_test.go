@@ -233,3 +233,36 @@ func TestNonceCommitMode(t *testing.T) {
 		}
 	}
 }
+
+// TestUseNonceDuringClose: UseNonce calls racing Close, and one after
+// it, return (spent or refused as closed) instead of waiting for
+// committers that are gone.
+func TestUseNonceDuringClose(t *testing.T) {
+	s := openFresh(t)
+	ctx := context.Background()
+	if err := s.UseNonce(ctx, "before", time.Now().Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 64)
+	for i := range 64 {
+		go func() { done <- s.UseNonce(ctx, fmt.Sprint("racing-", i), time.Now().Add(time.Minute)) }()
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	timeout := time.After(10 * time.Second)
+	for range 64 {
+		select {
+		case err := <-done:
+			if err != nil && !strings.Contains(err.Error(), "closed") {
+				t.Errorf("UseNonce racing Close: %v, want nil or a closed-store error", err)
+			}
+		case <-timeout:
+			t.Fatal("UseNonce racing Close hangs")
+		}
+	}
+	err := s.UseNonce(ctx, "after", time.Now().Add(time.Minute))
+	if err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("UseNonce after Close = %v, want a closed-store error", err)
+	}
+}

@@ -23,6 +23,15 @@
 // block the writer nor wait for it. busy_timeout covers another process
 // (an admin command) holding the write lock for a moment.
 //
+// One broker, nonces in memory. OpenExclusive, what the broker uses,
+// locks the file against a second broker and keeps spent nonces in
+// memory (package nonceset) instead of the nonces table: a map lookup
+// instead of a commit per handshake. A restart forgets them, so the
+// store's NonceEpoch changes with every open and the broker refuses
+// sessions begun under another epoch: a nonce from before a restart can
+// never be answered after it, kill -9 or not. Open (tools and tests
+// that share the file) keeps writing nonces, as below.
+//
 // Group commit. Nonce inserts arrive concurrently, one per handshake,
 // and a commit costs several times an insert (WAL frames written, locks
 // taken and dropped). One goroutine per store takes every insert queued
@@ -36,7 +45,9 @@ package sqlite
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -46,9 +57,11 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/cwrun/cwrun/attest/kbs/store"
+	"github.com/cwrun/cwrun/attest/kbs/store/internal/nonceset"
 	"github.com/cwrun/cwrun/attest/kbs/store/internal/prune"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
@@ -112,6 +125,12 @@ type Store struct {
 	closing   chan struct{}  // closed by Close: the committer stops
 	closeOnce sync.Once
 	done      chan struct{} // closed by the committer when it stopped
+
+	// Set by OpenExclusive: the broker lock, and the spent nonces kept
+	// in memory under epoch instead of in the nonces table.
+	lock  *os.File
+	spent *nonceset.Set
+	epoch uint64
 }
 
 // nonceReq is one UseNonce waiting for its group commit.
@@ -185,9 +204,51 @@ func (s *Store) closeStmts() error {
 }
 
 var (
-	_ store.Store  = (*Store)(nil)
-	_ store.Pruner = (*Store)(nil)
+	_ store.Store        = (*Store)(nil)
+	_ store.Pruner       = (*Store)(nil)
+	_ store.NonceEpocher = (*Store)(nil)
 )
+
+// OpenExclusive opens the database as Open does, for the one broker
+// process that serves from it: it takes an exclusive lock on
+// path+".lock" (flock(2); the kernel drops it when the process dies,
+// kill -9 included) and fails at once if another OpenExclusive holds
+// it. Spent nonces are then kept in memory rather than written per
+// handshake, which no other broker could see, and NonceEpoch returns
+// the random epoch that lets the broker refuse sessions begun before
+// this open. Workloads, resources and policies are stored as with Open.
+func OpenExclusive(ctx context.Context, path string) (*Store, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("open sqlite store %s: %w", path, err)
+	}
+	lock, err := os.OpenFile(abs+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open sqlite store %s: broker lock: %w (does its directory exist and is it writable?)", abs, err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		_ = lock.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("open sqlite store %s: another broker is serving from it (it holds %s.lock): stop it, or use a PostgreSQL store for several brokers", abs, abs)
+		}
+		return nil, fmt.Errorf("open sqlite store %s: lock %s.lock: %w", abs, abs, err)
+	}
+	s, err := Open(ctx, abs)
+	if err != nil {
+		_ = lock.Close()
+		return nil, err
+	}
+	var e [8]byte
+	for binary.LittleEndian.Uint64(e[:]) == 0 {
+		_, _ = rand.Read(e[:]) // never fails (crypto/rand)
+	}
+	s.lock, s.spent, s.epoch = lock, nonceset.New(), binary.LittleEndian.Uint64(e[:])
+	return s, nil
+}
+
+// NonceEpoch implements store.NonceEpocher: ok only for a store opened
+// with OpenExclusive.
+func (s *Store) NonceEpoch() (uint64, bool) { return s.epoch, s.spent != nil }
 
 // Open opens the SQLite database at path, creating it (mode 0600, in
 // an existing directory) and its schema on first use.
@@ -284,7 +345,12 @@ func (s *Store) Close() error {
 	s.closeOnce.Do(func() { close(s.closing) })
 	<-s.done
 	s.prune.Close()
-	return errors.Join(s.closeStmts(), s.r.Close(), s.w.Close())
+	err := errors.Join(s.closeStmts(), s.r.Close(), s.w.Close())
+	if s.lock != nil {
+		// Closing the file drops the flock.
+		err = errors.Join(err, s.lock.Close())
+	}
+	return err
 }
 
 func (s *Store) migrate(ctx context.Context) error {
@@ -593,6 +659,12 @@ func (s *Store) UseNonce(ctx context.Context, nonce string, expires time.Time) e
 		return errClosed
 	default:
 	}
+	if s.spent != nil {
+		if !s.spent.Use(nonce, expires, now) {
+			return fmt.Errorf("use nonce: %w", store.ErrReplay)
+		}
+		return nil
+	}
 	req := &nonceReq{ctx: ctx, nonce: nonce, expires: expires.UnixMicro(), now: now.UnixMicro(), result: make(chan error, 1)}
 	select {
 	case s.nonces <- req:
@@ -706,6 +778,9 @@ func (s *Store) commitBatch(batch []*nonceReq) {
 
 // PruneNonces implements store.Pruner.
 func (s *Store) PruneNonces(ctx context.Context, now time.Time) (int64, error) {
+	if s.spent != nil {
+		return s.spent.Prune(now), nil
+	}
 	return s.pruneNonces(ctx, now, func() bool { return false })
 }
 

@@ -64,7 +64,8 @@ func Parse(target string) (Kind, string, error) {
 	}
 }
 
-// Open opens the store target names.
+// Open opens the store target names for a broker: a SQLite file with
+// sqlite.OpenExclusive (one broker per file, nonces in memory).
 func Open(ctx context.Context, target string) (store.Store, error) {
 	kind, arg, err := Parse(target)
 	if err != nil {
@@ -74,6 +75,6 @@ func Open(ctx context.Context, target string) (store.Store, error) {
 	case Postgres:
 		return postgres.Open(ctx, arg)
 	default:
-		return sqlite.Open(ctx, arg)
+		return sqlite.OpenExclusive(ctx, arg)
 	}
 }
