@@ -33,10 +33,11 @@ test-short: ## unit tests only, no end-to-end
 demo: deps build ## seal a busybox sample image and show what was made
 	@hack/demo.sh
 
-bench: deps build ## seal benchmark against buildah mkcw; run cold start against the bare boot floor; broker handshakes/s
+bench: deps build ## seal benchmark against buildah mkcw; run cold start against the bare boot floor; broker handshakes/s; TPM cold start
 	@hack/bench.sh
 	@hack/bench-run.sh
 	@hack/bench-kbs.sh
+	@hack/bench-tpm.sh
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi

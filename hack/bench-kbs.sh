@@ -9,7 +9,9 @@
 # BenchmarkHandshake runs clients and broker in one process;
 # BenchmarkHandshakeSplit runs the clients in a second process so that
 # the broker's own CPU per handshake is measured apart from theirs;
-# BenchmarkHandshakePieces times the broker's steps one by one.
+# BenchmarkHandshakePieces times the broker's steps one by one;
+# BenchmarkHandshakeTPM runs 16 guests with software TPMs (swtpm) and
+# credential activation.
 # Throughput and latency follow the machine's load (printed before and
 # after); the CPU-per-handshake figures much less.
 set -euo pipefail

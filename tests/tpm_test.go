@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -206,7 +208,81 @@ func TestTPMAttestedRun(t *testing.T) {
 			t.Errorf("the killed run's folder (with its vTPM state) stays after cleanup: %v", err)
 		}
 	})
+	t.Run("bench", func(t *testing.T) {
+		out := os.Getenv("CWRUN_BENCH_TPM_OUT")
+		if os.Getenv("CWRUN_BENCH") == "" || out == "" {
+			t.Skip("make bench's TPM cold start (hack/bench-tpm.sh)")
+		}
+		benchTPMRuns(t, e, append(base, sealedRef), out)
+	})
 	if strings.Contains(b.log(), "passphrase\":\"") {
 		t.Errorf("the broker logged a passphrase:\n%s", b.log())
 	}
+}
+
+// timingLine is a line of `cwrun run --timings`: the host's ms since the
+// VMM started, and for guest stages the guest's boot clock.
+var timingLine = regexp.MustCompile(`(?m)^\s+(\S.*?)\s+(\d+) ms(?:\s+guest\s+(\d+) ms)?`)
+
+// benchTPMRuns times measured-boot runs and writes medians to out:
+// the firmware's share (the host's clock at the guest's first stage
+// minus the guest's own), the guest kernel, and attestation from the
+// guest's config to its key, with the part spent in TPM commands.
+func benchTPMRuns(t *testing.T, e *vmEnv, args []string, out string) {
+	const runs = 5
+	series := map[string][]float64{}
+	for i := 0; i <= runs; i++ {
+		r := e.run(t, args...)
+		if r.code != 3 {
+			t.Fatalf("bench run: exit %d\n%s", r.code, r.stderr)
+		}
+		host, guest := map[string]float64{}, map[string]float64{}
+		for _, m := range timingLine.FindAllStringSubmatch(r.stderr, -1) {
+			host[m[1]] = atof(t, m[2])
+			if m[3] != "" {
+				guest[m[1]] = atof(t, m[3])
+			}
+		}
+		const booted, config, key = "guest kernel booted, modules loaded", "guest got its config", "guest got its key (attestation)"
+		for _, st := range []string{booted, config, key, "guest key: tpm attester ready", "guest key: auth parameters",
+			"guest key: challenge answered", "guest key: evidence made", "guest key: challenge received"} {
+			if _, ok := guest[st]; !ok {
+				t.Fatalf("no %q in the timings:\n%s", st, r.stderr)
+			}
+		}
+		if i == 0 {
+			continue // warm-up: page cache, initrd cache
+		}
+		step := func(name, prev string) float64 { return guest[name] - guest[prev] }
+		series["total (exec to exit)"] = append(series["total (exec to exit)"], float64(r.elapsed.Milliseconds()))
+		series["firmware (OVMF, until the kernel starts)"] = append(series["firmware (OVMF, until the kernel starts)"], host[booted]-guest[booted])
+		series["guest kernel + modules"] = append(series["guest kernel + modules"], guest[booted])
+		series["attestation (config to key)"] = append(series["attestation (config to key)"], guest[key]-guest[config])
+		tpmCmds := step("guest key: tpm attester ready", "guest key: random pool seeded") +
+			step("guest key: auth parameters", "guest key: tpm attester ready") +
+			step("guest key: challenge answered", "guest key: challenge received") +
+			step("guest key: evidence made", "guest key: challenge answered")
+		series["  of which TPM commands (AK, EK cert, activation, quote)"] = append(series["  of which TPM commands (AK, EK cert, activation, quote)"], tpmCmds)
+		series["  of which broker round trips (auth, attest+resource)"] = append(series["  of which broker round trips (auth, attest+resource)"],
+			step("guest key: challenge received", "guest key: auth parameters")+step(key, "guest key: evidence made"))
+	}
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "bench: cwrun run of a --tee tpm image (OVMF + swtpm, TCG, 512 MiB, 1 vCPU), median of %d runs after a warm-up, ms:\n", runs)
+	for _, k := range []string{"total (exec to exit)", "firmware (OVMF, until the kernel starts)", "guest kernel + modules",
+		"attestation (config to key)", "  of which TPM commands (AK, EK cert, activation, quote)", "  of which broker round trips (auth, attest+resource)"} {
+		v := series[k]
+		sort.Float64s(v)
+		fmt.Fprintf(&sb, "  %-58s %7.0f  (range %.0f-%.0f)\n", k, v[len(v)/2], v[0], v[len(v)-1])
+	}
+	if err := os.WriteFile(out, []byte(sb.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func atof(t *testing.T, s string) float64 {
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
 }

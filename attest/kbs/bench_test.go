@@ -135,7 +135,7 @@ func BenchmarkHandshake(b *testing.B) {
 			br := benchBroker(b, c)
 			cpu0 := cpuTime(syscall.RUSAGE_SELF)
 			pg0 := postgresCPU()
-			res, err := loadgen(context.Background(), br.ts.URL, b.N, benchAttesters(b, c.tee), b.ResetTimer)
+			res, err := loadgen(context.Background(), br.ts.URL, benchClients, b.N, benchAttesters(b, c.tee), b.ResetTimer)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -245,7 +245,7 @@ func TestLoadgen(t *testing.T) {
 	// as short-lived.
 	defer serveGC()()
 	var cpu0 time.Duration
-	res, err := loadgen(context.Background(), cfg.URL, cfg.Handshakes, benchAttesters(t, cfg.Tee), func() {
+	res, err := loadgen(context.Background(), cfg.URL, benchClients, cfg.Handshakes, benchAttesters(t, cfg.Tee), func() {
 		cpu0 = cpuTime(syscall.RUSAGE_SELF)
 	})
 	if err != nil {
@@ -287,14 +287,14 @@ func perHandshake(d time.Duration, n int) float64 {
 // net/http's Transport (shared, pooled) instead of leanTransport.
 const envTransport = "CWRUN_KBS_BENCH_TRANSPORT"
 
-// loadgen runs n handshakes from benchClients guests, each on a
+// loadgen runs n handshakes from guests guests, each on a
 // keep-alive connection of its own (leanTransport), after a warm-up
 // handshake per guest that opens the connections; start is called when
 // the timing begins.
-func loadgen(ctx context.Context, url string, n int, attester func(i int) attest.Attester, start func()) (loadResult, error) {
-	clients := make([]*attest.Client, benchClients)
+func loadgen(ctx context.Context, url string, guests, n int, attester func(i int) attest.Attester, start func()) (loadResult, error) {
+	clients := make([]*attest.Client, guests)
 	if os.Getenv(envTransport) == "nethttp" {
-		tr := &http.Transport{MaxIdleConns: benchClients, MaxIdleConnsPerHost: benchClients, IdleConnTimeout: time.Minute}
+		tr := &http.Transport{MaxIdleConns: guests, MaxIdleConnsPerHost: guests, IdleConnTimeout: time.Minute}
 		defer tr.CloseIdleConnections()
 		hc := &http.Client{Transport: tr, Timeout: 30 * time.Second}
 		for i := range clients {
@@ -427,7 +427,7 @@ func TestHandshakesLeakNoGoroutines(t *testing.T) {
 	if testing.Short() {
 		n = benchClients
 	}
-	if _, err := loadgen(context.Background(), br.ts.URL, n, benchAttesters(t, attest.TeeSample), func() {}); err != nil {
+	if _, err := loadgen(context.Background(), br.ts.URL, benchClients, n, benchAttesters(t, attest.TeeSample), func() {}); err != nil {
 		t.Fatal(err)
 	}
 	// loadgen closed its idle connections; the server's goroutines for
