@@ -361,6 +361,9 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 			return 0, err
 		}
 		mods := initrd.BaseModules()
+		if rl != nil {
+			mods = append(mods, initrd.EntropyModules()...)
+		}
 		if network {
 			mods = append(mods, initrd.NetworkModules()...)
 		}
@@ -386,7 +389,7 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 		CPUs: cpus, MemoryMiB: mem, Accel: accel,
 		Disks:   []vm.Disk{{Path: disk.Path, Format: "raw", Snapshot: true}},
 		Console: filepath.Join(runDir, "console.log"),
-		RNG:     true, // an unused device costs nothing where the kernel lacks the driver
+		RNG:     rl != nil, // see initrd.EntropyModules
 		RunDir:  runDir,
 	}
 	portNames := []string{proto.PortControl, proto.PortStdout, proto.PortStderr}
@@ -505,7 +508,7 @@ func findInit(given string) (string, error) {
 // and the installed cwrun-init): byte for byte the same for the same
 // cwrun and kernel, whatever else the run asks for (network, volumes),
 // since a broker holds their digests as reference values. The initrd
-// carries one fixed module set (base, network, virtiofs).
+// carries one fixed module set (base, entropy, network, virtiofs).
 func TPMBoot(ctx context.Context, opts Options) (kernel, initrd, cmdline string, err error) {
 	o, err := opts.withDefaults()
 	if err != nil {
@@ -525,7 +528,7 @@ func tpmBoot(ctx context.Context, o Options, initPath string) (kernelPath, initr
 	}
 	var mods []string
 	if k.ModulesDir != "" {
-		mods = append(append(initrd.BaseModules(), initrd.NetworkModules()...), "virtiofs")
+		mods = append(append(append(initrd.BaseModules(), initrd.EntropyModules()...), initrd.NetworkModules()...), "virtiofs")
 	}
 	initrdPath, err = initrd.Build(ctx, initrd.Spec{Init: initPath, ModulesDir: k.ModulesDir, Modules: mods})
 	if err != nil {

@@ -23,13 +23,19 @@ import (
 )
 
 // BaseModules are what every boot needs: the virtio PCI transport, the
-// disk, the serial ports, the entropy device and dm-crypt with AES-XTS (aes and cbc are
+// disk, the serial ports and dm-crypt with AES-XTS (aes and cbc are
 // built into Debian's cloud kernel; aesni-intel is left out: it fails
 // with ENODEV on TCG's CPU and the generic AES is enough).
 func BaseModules() []string {
 	return []string{"virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio", "virtio_pci",
-		"virtio_blk", "virtio_console", "virtio_rng", "dm-mod", "dm-crypt", "ecb", "xts"}
+		"virtio_blk", "virtio_console", "dm-mod", "dm-crypt", "ecb", "xts"}
 }
+
+// EntropyModules are added for guests that attest: the virtio entropy
+// device seeds the random pool at once, where a fresh TCG guest would
+// wait about a second at its first getrandom. Runs that do not attest
+// need no random numbers early, and skip the module's load.
+func EntropyModules() []string { return []string{"virtio_rng"} }
 
 // NetworkModules are added for --network user.
 func NetworkModules() []string { return []string{"virtio_net"} }
