@@ -286,6 +286,7 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 	var term *hostTerm
 	if o.TTY {
 		term = newHostTerm(o.Stdin, o.Stdout, o.Stderr)
+		o.Warn = warnWriter{w: o.Warn, t: term}
 		if o.Stdin != nil && term.in == nil {
 			// As podman says it; docker refuses.
 			fmt.Fprintf(o.Warn, "cwrun: warning: the input device is not a TTY: -t and -i might not work properly (pipe into -i alone)\n")

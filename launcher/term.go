@@ -1,9 +1,11 @@
 package launcher
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 
 	"github.com/cwrun/cwrun/guest/proto"
 	"golang.org/x/term"
@@ -17,6 +19,7 @@ type hostTerm struct {
 	in    *os.File // the typing terminal; nil: none
 	sized *os.File // the terminal to take the size from; nil: none
 	saved *term.State
+	isRaw atomic.Bool // read by warnWriter, from any goroutine
 }
 
 // newHostTerm finds the terminals among stdin (nil when -i is off),
@@ -61,6 +64,7 @@ func (h *hostTerm) makeRaw() error {
 		return fmt.Errorf("putting the terminal in raw mode for -t: %w", err)
 	}
 	h.saved = st
+	h.isRaw.Store(true)
 	return nil
 }
 
@@ -70,6 +74,7 @@ func (h *hostTerm) restore() error {
 	}
 	st := h.saved
 	h.saved = nil
+	h.isRaw.Store(false)
 	if err := term.Restore(int(h.in.Fd()), st); err != nil {
 		return fmt.Errorf("restoring the terminal's mode: %w (run `stty sane` to repair it)", err)
 	}
@@ -77,4 +82,23 @@ func (h *hostTerm) restore() error {
 }
 
 // raw reports whether the terminal is in raw mode now.
-func (h *hostTerm) raw() bool { return h.saved != nil }
+func (h *hostTerm) raw() bool { return h.isRaw.Load() }
+
+// warnWriter carries cwrun's own messages to w. While the terminal is
+// in raw mode its output processing is off, so a bare newline would
+// only move down a line: each gets the carriage return the terminal no
+// longer adds.
+type warnWriter struct {
+	w io.Writer
+	t *hostTerm
+}
+
+func (ww warnWriter) Write(p []byte) (int, error) {
+	if !ww.t.raw() {
+		return ww.w.Write(p)
+	}
+	if _, err := ww.w.Write(bytes.ReplaceAll(p, []byte("\n"), []byte("\r\n"))); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}

@@ -49,14 +49,22 @@ func TestHostTerm(t *testing.T) {
 	if sz := h.size(); sz == nil || sz.Rows != 42 || sz.Cols != 137 {
 		t.Fatalf("size %+v, want 42x137", sz)
 	}
+	var warned bytes.Buffer
+	warn := warnWriter{w: &warned, t: h}
+	fmt.Fprintf(warn, "cooked\n")
 	if err := h.makeRaw(); err != nil {
 		t.Fatal(err)
 	}
 	if got := lflag(); got != 0 || !h.raw() {
 		t.Errorf("raw mode left lflag %#x", got)
 	}
+	fmt.Fprintf(warn, "cwrun: one\ntwo\n")
 	if err := h.restore(); err != nil {
 		t.Fatal(err)
+	}
+	fmt.Fprintf(warn, "again\n")
+	if got, want := warned.String(), "cooked\ncwrun: one\r\ntwo\r\nagain\n"; got != want {
+		t.Errorf("cwrun's messages around raw mode: %q, want %q", got, want)
 	}
 	if got := lflag(); got != cooked || h.raw() {
 		t.Errorf("restored lflag %#x, want %#x", got, cooked)
