@@ -255,7 +255,7 @@ func checkQCOW2(h []byte) error {
 
 // RunDisk boots a whole VM disk with UEFI firmware (OVMF, q35) and
 // returns when the VM is off: exit code 0 when the guest powered off
-// (or rebooted: QEMU runs with -no-reboot), 128+9 when cwrun had to
+// (a reboot restarts it within the run), 128+9 when cwrun had to
 // kill it after a stop request. err is set when the VM could not run or
 // the VMM failed. Nothing is left behind but, with Persist, the saved
 // overlay; a run whose cwrun was killed is cleaned up by the next one.
@@ -318,6 +318,7 @@ func RunDisk(ctx context.Context, sess *images.Session, opts DiskOptions) (exitC
 		Disks:         []vm.Disk{boot},
 		ConsoleSocket: filepath.Join(rf.dir, "console.sock"),
 		RNG:           true,
+		Reboot:        true,
 		RunDir:        rf.dir,
 	}
 	if o.CloudInit != "" {

@@ -214,6 +214,24 @@ func TestDiskPersist(t *testing.T) {
 	}
 }
 
+// TestDiskReboot: a guest that reboots comes back within the same run,
+// on the same throw-away overlay, and the run ends at its power-off.
+func TestDiskReboot(t *testing.T) {
+	dir := t.TempDir()
+	raw := needDiskVM(t, dir, testdisk.Options{RebootOnce: true})
+	before := fileSum(t, raw)
+	e := newVMEnv(t, newStore(t))
+	r := e.run(t, "run", "--disk", raw, "--memory", "512")
+	wantBoot(t, r, "2")
+	if !strings.Contains(r.stdout, testdisk.BootsPrefix+"1\n") || !strings.Contains(r.stdout, testdisk.RebootingLine) ||
+		strings.Index(r.stdout, testdisk.RebootingLine) > strings.Index(r.stdout, testdisk.BootsPrefix+"2\n") {
+		t.Errorf("want boots=1, a reboot, then boots=2 in one run\nstdout: %s", r.stdout)
+	}
+	if fileSum(t, raw) != before {
+		t.Error("the disk itself was written")
+	}
+}
+
 func TestDiskStopTimeout(t *testing.T) {
 	dir := t.TempDir()
 	raw := needDiskVM(t, dir, testdisk.Options{Hang: true})

@@ -47,8 +47,9 @@ network-config as a NoCloud seed disk (labelled cidata).
 The guest's serial console is on the terminal: what you type goes to the
 guest (raw mode: Ctrl-C too). Ctrl-], SIGINT or SIGTERM press the VM's ACPI
 power button; the VM is killed --stop-timeout later or at the next one.
-cwrun exits 0 when the guest powers off (or reboots), 137 when it had to
-kill it, 125 when cwrun itself failed.`
+A guest reboot restarts the VM within the same run (and the same overlay).
+cwrun exits 0 when the guest powers off, 137 when it had to kill it, 125
+when cwrun itself failed.`
 
 // addDiskFlags adds --disk and its companions to the run command.
 func addDiskFlags(cmd *cobra.Command, d *diskOpts) {

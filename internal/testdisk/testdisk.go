@@ -90,7 +90,13 @@ type Options struct {
 	// by DHCP), serves ServeBody at / on port 80 with busybox httpd,
 	// then waits for the ACPI power button before it powers off.
 	Serve bool
+	// RebootOnce makes the first boot of the disk reboot the machine
+	// (busybox reboot -f) right after its boots= line; later boots go on.
+	RebootOnce bool
 }
+
+// RebootingLine is what a RebootOnce disk says before it reboots.
+const RebootingLine = "cwrun-testdisk: rebooting"
 
 // Lines of an Interactive disk.
 const (
@@ -214,7 +220,12 @@ n=$((${n:-0}+1))
 printf '%-511s\n' "$n" | dd of=/dev/vda bs=512 seek=` + fmt.Sprint(StateSector) + ` count=1 conv=notrunc,fsync 2>/dev/null
 sync
 echo "` + BootsPrefix + `$n"
-if [ -b /dev/vdb ]; then
+`
+	if o.RebootOnce {
+		s += `if [ "$n" = 1 ]; then echo "` + RebootingLine + `"; reboot -f; fi
+`
+	}
+	s += `if [ -b /dev/vdb ]; then
 	echo "cwrun-testdisk: second disk: $(grep -a -m1 -o 'instance-id: [a-z0-9-]*' /dev/vdb)"
 fi
 echo "` + CPUsPrefix + `$(nproc)"

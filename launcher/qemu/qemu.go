@@ -56,11 +56,14 @@ func Args(spec vm.Spec) ([]string, error) {
 		"-name", spec.Name,
 		// -display none, not -nographic: the latter would also put a
 		// monitor on stdio.
-		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-nodefaults", "-no-user-config", "-display", "none",
 		"-accel", accel,
 		"-smp", strconv.Itoa(max(spec.CPUs, 1)),
 		"-m", strconv.Itoa(max(spec.MemoryMiB, 128)),
 		"-qmp", "unix:" + filepath.Join(spec.RunDir, "qmp.sock") + ",server=on,wait=off",
+	}
+	if !spec.Reboot {
+		a = append(a, "-no-reboot")
 	}
 	if fw := spec.Firmware; fw != nil {
 		if fw.Code == "" || fw.Vars == "" {

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -123,6 +124,14 @@ func TestArgs(t *testing.T) {
 				}
 			}
 		})
+	}
+	if argv, _ := Args(base); !slices.Contains(argv, "-no-reboot") {
+		t.Errorf("a guest reboot does not end the VMM: %q", argv)
+	}
+	rb := base
+	rb.Reboot = true
+	if argv, _ := Args(rb); slices.Contains(argv, "-no-reboot") {
+		t.Errorf("Reboot still passes -no-reboot: %q", argv)
 	}
 	if _, err := Args(vm.Spec{Initrd: "/i"}); err == nil {
 		t.Error("a spec without a kernel was accepted")

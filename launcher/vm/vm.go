@@ -43,6 +43,11 @@ type Spec struct {
 	// socket that the VMM listens on and the launcher connects to, both
 	// ways: an interactive console (whole-disk VMs).
 	ConsoleSocket string
+	// Reboot lets a guest reboot: the machine resets and boots again
+	// (a whole-disk VM's OS reboots after updates or its first
+	// cloud-init run). false: a reboot ends the VMM as a power-off does,
+	// which is what a sealed workload's exit must do.
+	Reboot bool
 	// RNG gives the guest a virtio entropy device fed by the host, so
 	// that its random pool is seeded at once: a fresh TCG guest
 	// otherwise waits about a second for it at its first getrandom.
