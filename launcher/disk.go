@@ -307,7 +307,7 @@ func RunDisk(ctx context.Context, sess *images.Session, opts DiskOptions) (exitC
 		if err != nil {
 			return 0, err
 		}
-		boot = vm.Disk{Path: st.overlay, Format: FormatQCOW2, Boot: true}
+		boot = vm.Disk{Path: st.overlay, Format: FormatQCOW2, Boot: true, Durable: true}
 		fw.Vars = st.vars
 		o.Log.Debug("persistent disk state", "folder", st.dir)
 	}

@@ -114,7 +114,11 @@ func Args(spec vm.Spec) ([]string, error) {
 		if format == "" {
 			format = "raw"
 		}
-		drive := fmt.Sprintf("file=%s,format=%s,if=none,id=disk%d,cache=unsafe", escape(d.Path), format, i)
+		cache := "unsafe"
+		if d.Durable {
+			cache = "writeback"
+		}
+		drive := fmt.Sprintf("file=%s,format=%s,if=none,id=disk%d,cache=%s", escape(d.Path), format, i, cache)
 		if d.Snapshot {
 			drive += ",snapshot=on"
 		}

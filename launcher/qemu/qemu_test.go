@@ -45,10 +45,11 @@ func TestArgs(t *testing.T) {
 		{"kvm", func(s *vm.Spec) { s.Accel = vm.AccelKVM }, map[string][]string{"-accel": {"kvm"}, "-cpu": {"host"}}, nil},
 		{"small memory is raised", func(s *vm.Spec) { s.MemoryMiB = 16; s.CPUs = 0 }, map[string][]string{"-m": {"128"}, "-smp": {"1"}}, nil},
 		{"disks", func(s *vm.Spec) {
-			s.Disks = []vm.Disk{{Path: "/a,b.img", Snapshot: true}, {Path: "/c.qcow2", Format: "qcow2", ReadOnly: true}}
+			s.Disks = []vm.Disk{{Path: "/a,b.img", Snapshot: true}, {Path: "/c.qcow2", Format: "qcow2", ReadOnly: true}, {Path: "/keep.qcow2", Format: "qcow2", Durable: true}}
 		}, map[string][]string{
 			"-drive": {"file=/a,,b.img,format=raw,if=none,id=disk0,cache=unsafe,snapshot=on",
-				"file=/c.qcow2,format=qcow2,if=none,id=disk1,cache=unsafe,readonly=on"},
+				"file=/c.qcow2,format=qcow2,if=none,id=disk1,cache=unsafe,readonly=on",
+				"file=/keep.qcow2,format=qcow2,if=none,id=disk2,cache=writeback"},
 		}, nil},
 		{"console and ports", func(s *vm.Spec) {
 			s.Console = "/run/x/console"

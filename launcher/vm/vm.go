@@ -82,6 +82,11 @@ type Disk struct {
 	Format string // "raw" or "qcow2"
 	// Boot makes the firmware try this disk first (Firmware boots).
 	Boot bool
+	// Durable honours the guest's flushes, for a disk whose writes are
+	// kept (a --persist overlay); otherwise writes may stay in the
+	// host's cache, which is faster and loses only what is thrown away
+	// at the end anyway.
+	Durable bool
 	// Snapshot sends the guest's writes to a throw-away overlay: the
 	// file itself is never written (sealed disks stay pristine).
 	Snapshot bool
