@@ -117,6 +117,15 @@ func TestTPMAttestedRun(t *testing.T) {
 		t.Logf("took %s; timings:\n%s", r.elapsed, r.stderr)
 	})
 
+	t.Run("other memory refused before the boot", func(t *testing.T) {
+		// The kernel digest covers QEMU's boot header, which holds the
+		// initrd's address, which follows the RAM size.
+		r := e.run(t, append(base, "--memory", "768", sealedRef)...)
+		if r.code != 125 || !strings.Contains(r.stderr, "sealed for tpm with 512 MiB") || strings.Contains(r.stderr, "cwrun timings") {
+			t.Fatalf("--memory 768 on an image sealed for 512 MiB: exit %d\n%s", r.code, r.stderr)
+		}
+	})
+
 	denied := func(t *testing.T, r vmResult, stage string, reasons ...string) {
 		t.Helper()
 		if r.code == 0 || r.code == 3 || strings.Contains(r.stdout, "hello from the guest") {
