@@ -140,15 +140,9 @@ func (o DiskOptions) withDefaults() (DiskOptions, error) {
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = 10 * time.Second
 	}
-	switch o.Network {
-	case "":
-		o.Network = "user"
-	case "user", "none":
-	default:
-		return o, fmt.Errorf("--network %q: want user or none", o.Network)
-	}
-	if o.Network == "none" && len(o.Publish) > 0 {
-		return o, errors.New("-p needs a network: drop --network none")
+	var err error
+	if o.Network, err = networkMode(o.Network, o.Publish); err != nil {
+		return o, err
 	}
 	if o.Persist {
 		if o.Name == "" {

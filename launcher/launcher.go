@@ -428,6 +428,22 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 	return code, err
 }
 
+// networkMode checks --network (default user) against the -p forwards,
+// for sealed and whole-disk runs alike.
+func networkMode(network string, publish []vm.Forward) (string, error) {
+	switch network {
+	case "":
+		network = "user"
+	case "user", "none":
+	default:
+		return "", fmt.Errorf("--network %q: want user or none", network)
+	}
+	if network == "none" && len(publish) > 0 {
+		return "", errors.New("-p needs a network: drop --network none")
+	}
+	return network, nil
+}
+
 func (o Options) withDefaults() (Options, error) {
 	if o.Stdout == nil {
 		o.Stdout = os.Stdout
@@ -444,15 +460,9 @@ func (o Options) withDefaults() (Options, error) {
 	if o.Accel == "" {
 		o.Accel = vm.AccelAuto
 	}
-	switch o.Network {
-	case "":
-		o.Network = "user"
-	case "user", "none":
-	default:
-		return o, fmt.Errorf("--network %q: want user or none", o.Network)
-	}
-	if o.Network == "none" && len(o.Publish) > 0 {
-		return o, errors.New("-p needs a network: drop --network none")
+	var err error
+	if o.Network, err = networkMode(o.Network, o.Publish); err != nil {
+		return o, err
 	}
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = 10 * time.Second

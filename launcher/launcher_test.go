@@ -181,3 +181,24 @@ func TestCleanup(t *testing.T) {
 		t.Errorf("the live run's folder counts as stale: %v", err)
 	}
 }
+
+func TestNetworkMode(t *testing.T) {
+	fwd := []vm.Forward{{HostPort: 8080, GuestPort: 80}}
+	for _, c := range []struct {
+		in      string
+		publish []vm.Forward
+		want    string
+		err     string
+	}{
+		{"", nil, "user", ""},
+		{"none", nil, "none", ""},
+		{"user", fwd, "user", ""},
+		{"none", fwd, "", "-p needs a network"},
+		{"bridge", nil, "", "want user or none"},
+	} {
+		got, err := networkMode(c.in, c.publish)
+		if got != c.want || (c.err == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), c.err)) {
+			t.Errorf("networkMode(%q, %v) = %q, %v; want %q, %q", c.in, c.publish, got, err, c.want, c.err)
+		}
+	}
+}
