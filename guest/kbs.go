@@ -89,10 +89,31 @@ func (b BrokerKey) Passphrase(ctx context.Context, _ *proto.Config, sc sealed.Co
 	}
 	client := &attest.Client{BaseURL: brokerBase, HTTP: relayHTTPClient(open), Attester: att}
 	pass, err := client.Resource(ctx, "cwrun/"+sc.WorkloadID+"/passphrase")
+	// A busy broker (503: its queue of handshakes did not reach this one
+	// in time) is asked again, a fresh handshake each time, until the
+	// timeout. Nothing else is retried: a refusal is final.
+	for busy(err) {
+		if b.Stage != nil {
+			b.Stage("key: broker busy, asking again")
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+			pass, err = client.Resource(ctx, "cwrun/"+sc.WorkloadID+"/passphrase")
+			continue
+		}
+		break
+	}
 	if err != nil {
 		return nil, fmt.Errorf("attested key release for workload %q (%s evidence): %w", sc.WorkloadID, att.Tee(), err)
 	}
 	return pass, nil
+}
+
+// busy says whether err is the broker's 503.
+func busy(err error) bool {
+	var be *attest.BrokerError
+	return errors.As(err, &be) && be.Status == http.StatusServiceUnavailable
 }
 
 // attesterFor picks the attester of the TEE the disk was sealed for.

@@ -4,11 +4,19 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"reflect"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/cwrun/cwrun/attest"
 	"github.com/cwrun/cwrun/attest/sample"
+	"github.com/cwrun/cwrun/sealed"
 )
 
 // activatingAttester has the client's optional steps.
@@ -60,5 +68,49 @@ func TestStagedAttester(t *testing.T) {
 	}
 	if len(stages) != 0 {
 		t.Errorf("a plain attester reported %q", stages)
+	}
+}
+
+// A busy broker (503) is asked again with a fresh handshake until the
+// timeout; a refusal is not.
+func TestBrokerKeyRetriesOnlyWhenBusy(t *testing.T) {
+	for _, tc := range []struct {
+		status    int
+		wantAuths int // at least
+		maxAuths  int
+	}{
+		{http.StatusServiceUnavailable, 2, 10},
+		{http.StatusUnauthorized, 1, 1},
+	} {
+		var auths atomic.Int32
+		ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			auths.Add(1)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(tc.status)
+			_, _ = w.Write([]byte(`{"error":"no"}`))
+		}))
+		var stages []string
+		var mu sync.Mutex
+		b := BrokerKey{
+			Attester: sample.NewAttester(),
+			Timeout:  2500 * time.Millisecond,
+			Stage:    func(s string) { mu.Lock(); stages = append(stages, s); mu.Unlock() },
+			open:     func() (net.Conn, error) { return net.Dial("tcp", ts.Listener.Addr().String()) },
+		}
+		_, err := b.Passphrase(context.Background(), nil, sealed.Config{WorkloadID: "w", TEE: sealed.TEESample})
+		ts.Close()
+		var be *attest.BrokerError
+		if !errors.As(err, &be) || be.Status != tc.status {
+			t.Fatalf("status %d: error %v, want the broker's %d", tc.status, err, tc.status)
+		}
+		if n := int(auths.Load()); n < tc.wantAuths || n > tc.maxAuths {
+			t.Errorf("status %d: %d handshakes began, want %d to %d", tc.status, n, tc.wantAuths, tc.maxAuths)
+		}
+		mu.Lock()
+		retried := slices.Contains(stages, "key: broker busy, asking again")
+		mu.Unlock()
+		if retried != (tc.status == http.StatusServiceUnavailable) {
+			t.Errorf("status %d: stages %q", tc.status, stages)
+		}
 	}
 }

@@ -50,6 +50,12 @@ type Options struct {
 	Logger        *slog.Logger          // default: discard
 	Metrics       prometheus.Registerer // default: none registered
 	Now           func() time.Time      // default time.Now
+	// Admission queues new handshakes at /auth, first come first
+	// served, while the broker is saturated (see admission); `cwrun kbs
+	// serve` turns it on. AdmitWait bounds a guest's wait in the queue
+	// before a 503 (default DefaultAdmitWait).
+	Admission bool
+	AdmitWait time.Duration
 }
 
 // DefaultGCPercent is the Go garbage collector target (GOGC) that

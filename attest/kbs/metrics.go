@@ -18,11 +18,11 @@ type metrics struct {
 	gatherer   prometheus.Gatherer
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, a *admission) (*metrics, error) {
 	m := &metrics{
 		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "cwrun", Subsystem: "kbs", Name: "handshakes_total",
-			Help: "KBS handshake steps by TEE and outcome (challenged, ok, rejected, replay, expired, restarted, bad_request, no_session).",
+			Help: "KBS handshake steps by TEE and outcome (challenged, ok, rejected, replay, expired, restarted, bad_request, no_session, busy).",
 		}, []string{"tee", "outcome"}),
 		denials: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "cwrun", Subsystem: "kbs", Name: "denials_total",
@@ -35,6 +35,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"route"}),
 	}
 	cs := []prometheus.Collector{m.handshakes, m.denials, m.latency}
+	if a != nil {
+		cs = append(cs,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Namespace: "cwrun", Subsystem: "kbs", Name: "admission_limit",
+				Help: "How many handshakes may be in progress at once before new ones wait at /auth (it adapts to the broker's speed).",
+			}, func() float64 { l, _ := a.state(); return l }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Namespace: "cwrun", Subsystem: "kbs", Name: "admission_queued",
+				Help: "Guests waiting at /auth for their turn to begin a handshake.",
+			}, func() float64 { _, q := a.state(); return float64(q) }),
+		)
+	}
 	// The broker's own registry always exists, so /metrics answers even
 	// when the caller registered nowhere.
 	own := prometheus.NewRegistry()
@@ -55,7 +67,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-var knownOutcomes = []string{"challenged", "ok", "rejected", "replay", "expired", "restarted", "bad_request", "no_session"}
+var knownOutcomes = []string{"challenged", "ok", "rejected", "replay", "expired", "restarted", "bad_request", "no_session", "busy"}
 
 // handshake counts one step; an unknown TEE name is counted as "other"
 // so that clients cannot grow the label set.

@@ -24,7 +24,7 @@ import (
 // the token against the resource's rules and answers the resource
 // encrypted to the TEE key.
 
-func (s *Server) handleAuth(w http.ResponseWriter, r *http.Request, _ []string) error {
+func (s *Server) handleAuth(w http.ResponseWriter, r *http.Request, _ []string) (err error) {
 	body, err := readBody(w, r, maxAuthBody, "auth request")
 	if err != nil {
 		return err
@@ -43,11 +43,28 @@ func (s *Server) handleAuth(w http.ResponseWriter, r *http.Request, _ []string) 
 		s.metrics.handshake(req.Tee, "bad_request")
 		return badRequest("tee %q is not served by this broker; it verifies: %s", truncate(req.Tee, 32), strings.Join(s.tees(), ", "))
 	}
+	// Wait for a turn (admission) before the session exists, so that its
+	// lifetime starts when its handshake can.
+	var ss session
+	if s.admit != nil {
+		sl, err := s.admit.enter(r.Context(), source(r))
+		if err != nil {
+			s.metrics.handshake(req.Tee, "busy")
+			return s.busy(err)
+		}
+		defer func() {
+			if err != nil {
+				s.admit.abandon(sl)
+			} else {
+				s.admit.begun(sl, ss.Nonce)
+			}
+		}()
+	}
 	var n [32]byte
 	if _, err := rand.Read(n[:]); err != nil {
 		return err
 	}
-	ss := session{Epoch: s.epoch, Tee: req.Tee, Nonce: base64.StdEncoding.EncodeToString(n[:]), Expires: s.now().Add(s.sessionTTL)}
+	ss = session{Epoch: s.epoch, Tee: req.Tee, Nonce: base64.StdEncoding.EncodeToString(n[:]), Expires: s.now().Add(s.sessionTTL)}
 	var extra json.RawMessage
 	if c, ok := s.verifiers[req.Tee].(challenger); ok {
 		if extra, err = c.Challenge(r.Context(), ss.Nonce, req.ExtraParams); err != nil {
@@ -73,7 +90,7 @@ func (s *Server) tees() []string {
 	return t
 }
 
-func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string) error {
+func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string) (err error) {
 	ctx := r.Context()
 	ss, err := s.sessionFrom(r)
 	if err != nil {
@@ -93,6 +110,14 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 		s.metrics.handshake(ss.Tee, "restarted")
 		s.deny(ctx, r, "session", "session began before the broker restarted", "", ss.Tee, false)
 		return errorf(http.StatusUnauthorized, "session began before this broker restarted (it keeps spent nonces in memory, so it answers no earlier session): start again at /kbs/v0/auth")
+	}
+	if s.admit != nil {
+		// A refused handshake is over.
+		defer func() {
+			if err != nil {
+				s.admit.done(ss.Nonce, false)
+			}
+		}()
 	}
 	body, err := readBody(w, r, maxEvidenceBody, "attestation")
 	if err != nil {
@@ -205,42 +230,52 @@ func (s *Server) mintToken(c *attest.Claims, teePubKey json.RawMessage) (string,
 }
 
 // tokenFrom finds the request's attestation token: the bearer header
-// (Trustee's clients) or the attested session cookie.
-func (s *Server) tokenFrom(r *http.Request) (*tokenView, []byte, error) {
+// (Trustee's clients) or the attested session cookie, whose nonce it
+// also answers ("" for a bearer token).
+func (s *Server) tokenFrom(r *http.Request) (c *tokenView, payload []byte, nonce string, err error) {
 	tok, ok := bearer(r)
 	sealed := false
 	if !ok {
 		ss, err := s.sessionFrom(r)
 		if err != nil {
-			return nil, nil, errorf(http.StatusUnauthorized, "no attestation token: send Authorization: Bearer <token> or the session cookie from /kbs/v0/attest")
+			return nil, nil, "", errorf(http.StatusUnauthorized, "no attestation token: send Authorization: Bearer <token> or the session cookie from /kbs/v0/attest")
 		}
 		if ss.Token == "" {
-			return nil, nil, errorf(http.StatusUnauthorized, "session has not attested yet: POST /kbs/v0/attest first")
+			return nil, nil, "", errorf(http.StatusUnauthorized, "session has not attested yet: POST /kbs/v0/attest first")
 		}
-		tok, sealed = ss.Token, true
+		tok, sealed, nonce = ss.Token, true, ss.Nonce
 	}
 	// A token that arrived inside the session cookie was sealed by a
 	// broker holding the cookie key right after that broker signed it:
 	// the cookie's AEAD already proves its origin, so the ES256 check
 	// (the costliest step of a fetch) is skipped for it.
-	c, payload, err := s.token.check(tok, s.now(), !sealed)
+	c, payload, err = s.token.check(tok, s.now(), !sealed)
 	if err != nil {
 		s.deny(r.Context(), r, "token", err.Error(), "", "", false)
-		return nil, nil, errorf(http.StatusUnauthorized, "attestation token refused: %v", err)
+		return nil, nil, nonce, errorf(http.StatusUnauthorized, "attestation token refused: %v", err)
 	}
-	return c, payload, nil
+	return c, payload, nonce, nil
+}
+
+// handshakeOver tells admission that the handshake of a session's
+// nonce ended, with a resource sent or refused.
+func (s *Server) handshakeOver(nonce string, err error) {
+	if s.admit != nil && nonce != "" {
+		s.admit.done(nonce, err == nil)
+	}
 }
 
 // handleResource serves GET (a guest fetching) and POST (an admin
 // setting, Trustee's admin call).
-func (s *Server) handleResource(w http.ResponseWriter, r *http.Request, p []string) error {
+func (s *Server) handleResource(w http.ResponseWriter, r *http.Request, p []string) (err error) {
 	if r.Method == http.MethodPost {
 		return s.adminOnly(s.handleSetResource)(w, r, p)
 	}
 	if err := checkResourcePath(p); err != nil {
 		return err
 	}
-	c, payload, err := s.tokenFrom(r)
+	c, payload, nonce, err := s.tokenFrom(r)
+	defer func() { s.handshakeOver(nonce, err) }()
 	if err != nil {
 		return err
 	}
@@ -262,12 +297,13 @@ func (s *Server) handleResource(w http.ResponseWriter, r *http.Request, p []stri
 // whose digest the SNP report carries) is not served; the key goes to a
 // guest that did Trustee's handshake, under the same appraisal as
 // /resource/cwrun/<id>/passphrase, encrypted to its TEE key as a JWE.
-func (s *Server) handleKey(w http.ResponseWriter, r *http.Request, p []string) error {
+func (s *Server) handleKey(w http.ResponseWriter, r *http.Request, p []string) (err error) {
 	id := p[0]
 	if err := checkWorkloadID(id); err != nil {
 		return err
 	}
-	c, payload, err := s.tokenFrom(r)
+	c, payload, nonce, err := s.tokenFrom(r)
+	defer func() { s.handshakeOver(nonce, err) }()
 	if err != nil {
 		return err
 	}

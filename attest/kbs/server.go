@@ -58,6 +58,7 @@ type Server struct {
 	log        *slog.Logger
 	now        func() time.Time
 	metrics    *metrics
+	admit      *admission // nil: every handshake begins at once
 	policies   *policyCache
 	routes     routes
 
@@ -145,7 +146,16 @@ func New(opts Options) (*Server, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	s.metrics, err = newMetrics(opts.Metrics)
+	if opts.Admission {
+		wait := opts.AdmitWait
+		if wait <= 0 {
+			wait = DefaultAdmitWait
+		}
+		// Real time, not opts.Now: durations are measured, and a test's
+		// frozen clock must not freeze the queue.
+		s.admit = newAdmission(time.Now, wait)
+	}
+	s.metrics, err = newMetrics(opts.Metrics, s.admit)
 	if err != nil {
 		return nil, err
 	}

@@ -69,6 +69,12 @@ type Config struct {
 	// `cwrun kbs serve` runs with, 10 to 10000. 0: kbs.DefaultGCPercent
 	// (400). The GOGC environment variable, when set, wins.
 	GCPercent int `toml:"gc_percent"`
+	// Admission queues new handshakes first come, first served while
+	// the broker is saturated (kbs.Options.Admission). Default on.
+	Admission *bool `toml:"admission"`
+	// AdmissionWait is the longest a guest waits in that queue before a
+	// 503. Default kbs.DefaultAdmitWait (30 s).
+	AdmissionWait Duration `toml:"admission_wait"`
 
 	SNP SNP `toml:"snp"`
 	TDX TDX `toml:"tdx"`

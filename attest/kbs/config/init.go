@@ -307,6 +307,13 @@ tees = ["snp", "tdx"]
 # variable wins. Default 400: a quarter less CPU per handshake than Go's 100.
 # gc_percent = 400
 
+# While the broker is saturated, new handshakes wait at /auth and begin first
+# come, first served, so that a burst of guests (boxes back after a power cut)
+# each finish in about the same time instead of all slowly. A guest waits at
+# most admission_wait, then hears 503 and retries.
+# admission = true
+# admission_wait = "30s"
+
 [snp]
 # VCEK certificates, read before asking AMD's key server.
 vcek_cache = "vcek-cache"

@@ -51,6 +51,8 @@ func (c *Config) Options(ctx context.Context, logger *slog.Logger, reg prometheu
 		AllowRegister: c.AllowRegister,
 		SessionTTL:    c.SessionTTL.Duration,
 		TokenTTL:      c.TokenTTL.Duration,
+		Admission:     c.Admission == nil || *c.Admission,
+		AdmitWait:     c.AdmissionWait.Duration,
 		Logger:        logger,
 		Metrics:       reg,
 	}, st, nil
