@@ -12,6 +12,8 @@
 # BenchmarkHandshakePieces times the broker's steps one by one;
 # BenchmarkHandshakeTPM runs 16 guests with software TPMs (swtpm) and
 # credential activation.
+# The broker runs with admission on, as `cwrun kbs serve` does;
+# CWRUN_KBS_BENCH_ADMISSION=off shows the spread without it.
 # Throughput and latency follow the machine's load (printed before and
 # after); the CPU-per-handshake figures much less.
 set -euo pipefail
