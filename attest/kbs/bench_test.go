@@ -67,8 +67,9 @@ import (
 // by the throughput, whatever the broker does; how far p99 lies above
 // it is the broker's doing. Letting every guest in at once put p99 at
 // twice the median; admission (the broker's FIFO queue at /auth, on as
-// in `cwrun kbs serve`) brings it to about 1.2× with the same
-// throughput (set CWRUN_KBS_BENCH_ADMISSION=off to compare).
+// in `cwrun kbs serve`) brings it to about 1.3× with the same snp
+// throughput, for 5-15 % of sample's (set CWRUN_KBS_BENCH_ADMISSION=off
+// to compare).
 
 const benchClients = 64
 
