@@ -260,29 +260,38 @@ func TestPodmanRuntime(t *testing.T) {
 		noOCILeftovers(t, id)
 	})
 
-	t.Run("publish", func(t *testing.T) {
-		port := freePort(t)
-		// podman forwards the host port into the container's network
-		// namespace; io.cwrun.publish makes QEMU listen there.
-		r := p.run(t, append(append([]string{"run", "-d", "--name", "web", "-p", fmt.Sprintf("127.0.0.1:%d:80", port),
-			"--annotation", oci.AnnotationPublish + "=80"}, rt...), openImg,
-			"/bin/sh", "-c", `httpd -f -p 80 -h /www & echo listening; wait`)...)
-		if r.code != 0 && (strings.Contains(r.stderr, "iptables") || strings.Contains(r.stderr, "CNI")) {
-			t.Skipf("podman cannot publish ports here (its network backend failed): %s", r.stderr)
-		}
-		if r.code != 0 {
-			t.Fatalf("podman run -p: exit %d\n%s", r.code, r.stderr)
-		}
-		id := strings.TrimSpace(r.stdout)
-		p.waitLogs(t, "web", "listening")
-		body, err := httpGet(fmt.Sprintf("http://127.0.0.1:%d/index.html", port), time.Minute)
-		if body != "hello from the sealed guest\n" {
-			logs := p.run(t, "logs", "web")
-			t.Errorf("GET through podman's -p: %q, %v\nlogs: %s%s", body, err, logs.stdout, logs.stderr)
-		}
-		p.must(t, "rm", "-f", "-t", "0", "web")
-		noOCILeftovers(t, id)
-	})
+	// podman forwards the host port into the container's network
+	// namespace, where QEMU must listen: on the port that podman's DNAT
+	// rules name (found by cwrun), or on the one io.cwrun.publish names.
+	for _, tc := range []struct {
+		name  string
+		extra []string
+	}{
+		{"publish", nil},
+		{"publish-annotated", []string{"--annotation", oci.AnnotationPublish + "=80"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port := freePort(t)
+			args := append([]string{"run", "-d", "--name", "web", "-p", fmt.Sprintf("127.0.0.1:%d:80", port)}, tc.extra...)
+			r := p.run(t, append(append(args, rt...), openImg,
+				"/bin/sh", "-c", `httpd -f -p 80 -h /www & echo listening; wait`)...)
+			if r.code != 0 && (strings.Contains(r.stderr, "iptables") || strings.Contains(r.stderr, "CNI")) {
+				t.Skipf("podman cannot publish ports here (its network backend failed): %s", r.stderr)
+			}
+			if r.code != 0 {
+				t.Fatalf("podman run -p: exit %d\n%s", r.code, r.stderr)
+			}
+			id := strings.TrimSpace(r.stdout)
+			p.waitLogs(t, "web", "listening")
+			body, err := httpGet(fmt.Sprintf("http://127.0.0.1:%d/index.html", port), time.Minute)
+			if body != "hello from the sealed guest\n" {
+				logs := p.run(t, "logs", "web")
+				t.Errorf("GET through podman's -p: %q, %v\nlogs: %s%s", body, err, logs.stdout, logs.stderr)
+			}
+			p.must(t, "rm", "-f", "-t", "0", "web")
+			noOCILeftovers(t, id)
+		})
+	}
 
 	t.Run("tty", func(t *testing.T) {
 		// -t without -i works without a terminal on podman's side: the

@@ -24,8 +24,10 @@ import (
 // mapping into config.json or its annotations (the mappings live in
 // podman's own database and in the network backend's rules). A sealed
 // image's config has no EXPOSE either: cwrun build and buildah mkcw
-// clear it, and the real one is inside the encrypted disk. So the
-// ports are named here, next to -p:
+// clear it, and the real one is inside the encrypted disk. Rootful
+// podman's rules are read (PodmanPublished); where they cannot be
+// (rootless podman), or to serve a container port from another guest
+// port, the ports are named here, next to -p:
 //
 //	podman run -p 8080:80 --annotation io.cwrun.publish=80 --runtime cwrun IMAGE
 //

@@ -21,7 +21,8 @@
 // What the bundle asks beyond the VM's shape: a terminal (-t: conmon
 // gets a host pty's master, the supervisor its slave, the workload a
 // pty in the guest), a network namespace (QEMU runs in it, serving the
-// ports AnnotationPublish names), and an sd_notify socket (READY=1 when
+// ports podman publishes there, found in its DNAT rules or named by
+// AnnotationPublish), and an sd_notify socket (READY=1 when
 // the workload starts). Extra file descriptors (--preserve-fds) cannot
 // reach a VM and are refused.
 package oci

@@ -134,11 +134,20 @@ wait:
 	if err != nil {
 		return fail(err)
 	}
+	netns := BundleNetNS(spec)
+	if netns.Path != "" {
+		// podman made the namespace: serve the ports its -p forwards
+		// there. Unreadable rules (rootless podman) leave the
+		// annotation as the only source, as before.
+		if found, err := PodmanPublished(ctx, id); err == nil {
+			publish = MergePublish(publish, found)
+		}
+	}
 	b := Boot{
 		ID: id, Bundle: rec.Bundle, Rootfs: rootfs, Spec: spec, CPUs: cpus, MemoryMiB: mem,
 		Annotations: spec.Annotations, Args: args, Env: env, Signals: sigs,
 		VMDir: filepath.Join(s.Runtime.root(), VMDir),
-		NetNS: BundleNetNS(spec), Publish: publish,
+		NetNS: netns, Publish: publish,
 	}
 	if spec.Process != nil && spec.Process.Terminal {
 		b.TTY, b.Stdin = true, os.Stdin
