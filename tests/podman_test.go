@@ -6,6 +6,7 @@ package tests
 // relay (sample evidence), so no key is handed to podman.
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,12 +16,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cwrun/cwrun/attest/kbs/config"
 	"github.com/cwrun/cwrun/internal/testimage"
 	"github.com/cwrun/cwrun/launcher/oci"
+	"golang.org/x/sys/unix"
 )
 
 // podmanEnv runs podman with a private store and a containers.conf
@@ -299,6 +302,58 @@ func TestPodmanRuntime(t *testing.T) {
 		r := p.run(t, append(append([]string{"run", "--rm", "-t"}, rt...), openImg, "/bin/sh", "-c", `tty; stty size; echo tty-done`)...)
 		if r.code != 0 || !strings.Contains(r.stdout, "/dev/pts/") || !strings.Contains(r.stdout, "tty-done") {
 			t.Fatalf("podman run -t: exit %d\nstdout: %q\nstderr: %q", r.code, r.stdout, r.stderr)
+		}
+	})
+
+	t.Run("tty-resize", func(t *testing.T) {
+		// podman run -it at a terminal: podman passes the terminal's
+		// size and its changes to conmon, conmon sets them on the pty
+		// whose master cwrun handed it, and cwrun carries them into the
+		// guest's pty, where the workload gets SIGWINCH.
+		master, slave := openTestPTY(t, 37, 111)
+		cmd := exec.Command("podman", p.s.flags(append(append([]string{"run", "--rm", "-i", "-t"}, rt...), openImg, "/bin/sh", "-c",
+			`stty size; trap 'stty size; echo winch' WINCH; trap 'echo INT; exit 9' INT; echo armed; while :; do sleep 0.1; done`)...)...)
+		cmd.Env = append(os.Environ(), "CONTAINERS_CONF="+p.conf)
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		defer cmd.Process.Kill() //nolint:errcheck // gone already when the test passes
+		var out syncBuffer
+		go io.Copy(&out, master) //nolint:errcheck // ends when the master closes
+		wait := func(what string) {
+			t.Helper()
+			deadline := time.After(2 * time.Minute)
+			for !strings.Contains(strings.ReplaceAll(out.String(), "\r", ""), what) {
+				select {
+				case err := <-done:
+					t.Fatalf("podman ended (%v) before %q:\n%s", err, what, out.String())
+				case <-deadline:
+					t.Fatalf("no %q within 2 minutes:\n%s", what, out.String())
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}
+		wait("armed")
+		if err := unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 40, Col: 120}); err != nil {
+			t.Fatal(err)
+		}
+		wait("40 120\nwinch\n")
+		if got := strings.ReplaceAll(out.String(), "\r", ""); !strings.Contains(got, "37 111\n") {
+			t.Errorf("the guest's pty did not start at the terminal's size (37 111):\n%s", got)
+		}
+		master.Write([]byte{3}) //nolint:errcheck // Ctrl-C: the guest's pty makes it SIGINT
+		select {
+		case err := <-done:
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 9 {
+				t.Errorf("podman run -it after Ctrl-C: %v, want exit 9 from the INT trap:\n%s", err, out.String())
+			}
+		case <-time.After(time.Minute):
+			t.Fatalf("Ctrl-C did not end the workload:\n%s", out.String())
 		}
 	})
 
