@@ -94,6 +94,7 @@ type waiter struct {
 // throughput or let the spread back in.
 const (
 	admitCeiling      = 4096
+	admitMaxQueue     = 4096 // waiting guests; more are answered 503 at once
 	admitMaxLate      = 1 << 16
 	admitTolerance    = 3
 	admitLeaseFactor  = 16
@@ -106,8 +107,12 @@ const (
 	DefaultAdmitWait = 30 * time.Second
 )
 
-// errBusy is the queue's answer after maxWait.
-var errBusy = errors.New("broker busy")
+// errBusy is the queue's answer after maxWait; errQueueFull, when the
+// queue is full.
+var (
+	errBusy      = errors.New("broker busy")
+	errQueueFull = errors.New("broker busy: its queue of handshakes is full")
+)
 
 func newAdmission(now func() time.Time, maxWait time.Duration) *admission {
 	floor := float64(2 * runtime.GOMAXPROCS(0))
@@ -132,6 +137,11 @@ func source(r *http.Request) string {
 // abandon.
 func (a *admission) enter(ctx context.Context, src string) (*slot, error) {
 	a.mu.Lock()
+	if a.nWaiting >= admitMaxQueue {
+		// A flood of connections must not pile up for maxWait each.
+		a.mu.Unlock()
+		return nil, errQueueFull
+	}
 	a.seq++
 	w := &waiter{src: src, seq: a.seq, ready: make(chan struct{})}
 	a.waiting[src] = append(a.waiting[src], w)
@@ -389,8 +399,11 @@ func (w *windowMin) min(now time.Time) time.Duration {
 
 // busy answers a guest that left the admission queue.
 func (s *Server) busy(err error) error {
-	if errors.Is(err, errBusy) {
+	switch {
+	case errors.Is(err, errBusy):
 		return errorf(http.StatusServiceUnavailable, "broker busy: no handshake could begin within %s; retry later", s.admit.maxWait)
+	case errors.Is(err, errQueueFull):
+		return errorf(http.StatusServiceUnavailable, "broker busy: %d guests already wait for a turn; retry later", admitMaxQueue)
 	}
 	return errorf(http.StatusServiceUnavailable, "waiting for a turn to begin the handshake: %v", err)
 }

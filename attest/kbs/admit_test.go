@@ -153,6 +153,19 @@ func TestAdmissionGivingUp(t *testing.T) {
 	}
 }
 
+func TestAdmissionQueueFull(t *testing.T) {
+	a := newTestAdmission(1, time.Minute)
+	if _, err := a.enter(context.Background(), "a"); err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock()
+	a.nWaiting = admitMaxQueue // as if that many waited
+	a.mu.Unlock()
+	if _, err := a.enter(context.Background(), "b"); !errors.Is(err, errQueueFull) {
+		t.Fatalf("with a full queue: %v, want errQueueFull at once", err)
+	}
+}
+
 func TestAdmissionLimitAdapts(t *testing.T) {
 	a := newTestAdmission(4, time.Minute)
 	now := time.Now()
