@@ -18,20 +18,21 @@ import (
 // Why: a handshake is three requests with the guest's own work in
 // between. When every guest is let in at once, each of those steps
 // waits behind a random share of everyone else's, and the waits add up
-// to a wide spread: measured with 64 guests on 2 cores, p99 was twice
-// the median. Holding the surplus at /auth in a FIFO queue and letting a
-// few handshakes run at a time turns the spread into a queue position:
-// p99 came to 1.3× the median, at the same throughput for SNP
-// handshakes. Short ones (sample) lost 5-15 % of theirs: with few
-// handshakes in progress, the cores sometimes idle between turns, and
-// PostgreSQL's nonce batches are smaller.
+// to a wide spread. Holding the surplus at /auth in a FIFO queue and
+// letting fewer handshakes run at a time turns much of the spread into
+// a queue position. Measured with 64 SNP guests on 2 cores
+// (BenchmarkHandshake, three interleaved rounds): p99 at 1.75× the
+// median with everyone let in, 1.4× with admission, for 5-15 % less
+// throughput while saturated (the cores idle now and then with fewer
+// handshakes in progress; short sample handshakes on PostgreSQL lose
+// the most).
 //
 // How many run at once (the limit) adapts to what the broker measures:
 // a handshake is "on time" when it took at most three times the fastest
 // one seen lately (admission to the released resource). On-time
 // completions raise the limit (by one each until the first late one,
-// then slowly), late ones lower it by a tenth, never below twice the
-// number of cores.
+// then slowly), late ones lower it by a tenth, never below eight per
+// core.
 //
 // A handshake stops counting against the limit once it is older than
 // sixteen times the fastest (its lease, 20 ms to 10 s): a guest far
@@ -93,7 +94,13 @@ type waiter struct {
 // with BenchmarkHandshake: a tighter tolerance or a shorter lease lost
 // throughput or let the spread back in.
 const (
-	admitCeiling      = 4096
+	admitCeiling = 4096
+	// admitFloorPerCore sets the lowest limit. Handshakes also wait
+	// (on the guest, on PostgreSQL's commit), and fewer in progress
+	// left the cores idle: at 2 per core, sample handshakes on
+	// PostgreSQL lost a quarter of their throughput to admission, at 8
+	// a seventh; a lower floor kept more of the spread away.
+	admitFloorPerCore = 8
 	admitMaxQueue     = 4096 // waiting guests; more are answered 503 at once
 	admitMaxLate      = 1 << 16
 	admitTolerance    = 3
@@ -115,7 +122,7 @@ var (
 )
 
 func newAdmission(now func() time.Time, maxWait time.Duration) *admission {
-	floor := float64(2 * runtime.GOMAXPROCS(0))
+	floor := float64(admitFloorPerCore * runtime.GOMAXPROCS(0))
 	return &admission{
 		now: now, floor: floor, maxWait: maxWait, limit: floor, growing: true,
 		activeBy: map[string]int{}, byNonce: map[string]*slot{}, waiting: map[string][]*waiter{},

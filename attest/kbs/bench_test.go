@@ -66,10 +66,9 @@ import (
 // sides. In a closed loop of 64 guests the mean latency is 64 divided
 // by the throughput, whatever the broker does; how far p99 lies above
 // it is the broker's doing. Letting every guest in at once put p99 at
-// twice the median; admission (the broker's FIFO queue at /auth, on as
-// in `cwrun kbs serve`) brings it to about 1.3× with the same snp
-// throughput, for 5-15 % of sample's (set CWRUN_KBS_BENCH_ADMISSION=off
-// to compare).
+// 1.75× the median; admission (the broker's FIFO queue at /auth, on as
+// in `cwrun kbs serve`) brings it to about 1.4×, for 5-15 % of the
+// throughput (set CWRUN_KBS_BENCH_ADMISSION=off to compare).
 
 const benchClients = 64
 

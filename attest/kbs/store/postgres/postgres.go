@@ -71,9 +71,13 @@ const (
 	// the server at once; maxNonceBatch bounds one batch. Fewer
 	// committers make larger batches: under 64 concurrent handshakes the
 	// server spent about 200 µs a handshake with 4, about 110 with 2 or
-	// 1 (BenchmarkHandshakeSplit/sample/postgres); 2 keeps one statement
-	// that waits (on a row lock, say) from holding up every handshake.
-	nonceCommitters = 2
+	// 1 (BenchmarkHandshakeSplit/sample/postgres). Since the broker
+	// queues handshakes (admission), fewer run at once and batches are
+	// smaller, and one committer made the difference: 105 against 158
+	// µs a handshake (BenchmarkHandshake/sample/postgres). A statement
+	// that waits (a row lock, only when one nonce is replayed to two
+	// brokers at once) holds the others up for that wait.
+	nonceCommitters = 1
 	maxNonceBatch   = 256
 	// nonceQueue is how many inserts may wait for a committer.
 	nonceQueue = 1024
