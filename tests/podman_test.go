@@ -324,19 +324,7 @@ func TestPodmanRuntime(t *testing.T) {
 		defer cmd.Process.Kill() //nolint:errcheck // gone already when the test passes
 		var out syncBuffer
 		go io.Copy(&out, master) //nolint:errcheck // ends when the master closes
-		wait := func(what string) {
-			t.Helper()
-			deadline := time.After(2 * time.Minute)
-			for !strings.Contains(strings.ReplaceAll(out.String(), "\r", ""), what) {
-				select {
-				case err := <-done:
-					t.Fatalf("podman ended (%v) before %q:\n%s", err, what, out.String())
-				case <-deadline:
-					t.Fatalf("no %q within 2 minutes:\n%s", what, out.String())
-				case <-time.After(20 * time.Millisecond):
-				}
-			}
-		}
+		wait := func(what string) { t.Helper(); waitOutput(t, "podman", &out, done, what) }
 		wait("armed")
 		if err := unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, &unix.Winsize{Row: 40, Col: 120}); err != nil {
 			t.Fatal(err)

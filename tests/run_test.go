@@ -809,19 +809,7 @@ func testTTY(t *testing.T, si sealedImages) {
 	}()
 	var out syncBuffer
 	go io.Copy(&out, master) //nolint:errcheck // ends when the master closes
-	wait := func(what string) {
-		t.Helper()
-		deadline := time.After(2 * time.Minute)
-		for !strings.Contains(out.String(), what) {
-			select {
-			case err := <-done:
-				t.Fatalf("cwrun ended (%v) before %q:\n%s", err, what, out.String())
-			case <-deadline:
-				t.Fatalf("no %q within 2 minutes:\n%s", what, out.String())
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}
+	wait := func(what string) { t.Helper(); waitOutput(t, "cwrun", &out, done, what) }
 	wait("ready")
 	if tio, err := unix.IoctlGetTermios(int(slave.Fd()), unix.TCGETS); err != nil || tio.Lflag&(unix.ECHO|unix.ICANON|unix.ISIG) != 0 {
 		t.Errorf("cwrun's terminal is not raw while the workload runs: lflag %#x, %v", tio.Lflag, err)
@@ -867,6 +855,23 @@ func testTTY(t *testing.T, si sealedImages) {
 
 // openTestPTY opens a pty of the given size: the master for the test,
 // the slave for cwrun.
+// waitOutput waits up to 2 minutes for what in out (carriage returns
+// dropped, as a pty adds them), failing if the program (who) ends first
+// (done).
+func waitOutput(t *testing.T, who string, out *syncBuffer, done <-chan error, what string) {
+	t.Helper()
+	deadline := time.After(2 * time.Minute)
+	for !strings.Contains(strings.ReplaceAll(out.String(), "\r", ""), what) {
+		select {
+		case err := <-done:
+			t.Fatalf("%s ended (%v) before %q:\n%s", who, err, what, out.String())
+		case <-deadline:
+			t.Fatalf("no %q within 2 minutes:\n%s", what, out.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 func openTestPTY(t *testing.T, rows, cols uint16) (master, slave *os.File) {
 	t.Helper()
 	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
