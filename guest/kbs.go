@@ -89,8 +89,9 @@ func (b BrokerKey) Passphrase(ctx context.Context, _ *proto.Config, sc sealed.Co
 	}
 	client := &attest.Client{BaseURL: brokerBase, HTTP: relayHTTPClient(open), Attester: att}
 	pass, err := client.Resource(ctx, "cwrun/"+sc.WorkloadID+"/passphrase")
-	// A busy broker (503: its queue of handshakes did not reach this one
-	// in time) is asked again, a fresh handshake each time, until the
+	// A broker that is busy (503: its queue of handshakes did not reach
+	// this one in time) or not answering (the relay's 503: down,
+	// restarting) is asked again, a fresh handshake each time, until the
 	// timeout. Nothing else is retried: a refusal is final.
 	for busy(err) {
 		if b.Stage != nil {

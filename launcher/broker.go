@@ -112,7 +112,13 @@ func newRelay(b Broker, log *slog.Logger) (*relay, error) {
 		ModifyResponse: rl.modifyResponse,
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 			log.Debug("key broker relay: forwarding failed", "method", r.Method, "path", r.URL.Path, "error", err)
-			http.Error(w, fmt.Sprintf("cwrun's relay could not reach the key broker at %s: %v", u.Redacted(), err), http.StatusBadGateway)
+			if errors.Is(err, errBadAnswer) {
+				http.Error(w, fmt.Sprintf("cwrun's relay refused the key broker's answer: %v", err), http.StatusBadGateway)
+				return
+			}
+			// Not answering is what a broker being restarted does: 503,
+			// which the guest asks again after (until its timeout).
+			http.Error(w, fmt.Sprintf("cwrun's relay could not reach the key broker at %s: %v", u.Redacted(), err), http.StatusServiceUnavailable)
 		},
 	}
 	return rl, nil
@@ -160,7 +166,7 @@ func (rl *relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // broker stays TLS.
 func (rl *relay) modifyResponse(resp *http.Response) error {
 	if resp.ContentLength > maxRelayResponse {
-		return fmt.Errorf("the broker's answer is %d bytes, more than the %d the relay forwards", resp.ContentLength, maxRelayResponse)
+		return fmt.Errorf("%w: it is %d bytes, more than the %d the relay forwards", errBadAnswer, resp.ContentLength, maxRelayResponse)
 	}
 	resp.Body = &limitedBody{r: io.LimitReader(resp.Body, maxRelayResponse+1), c: resp.Body, left: maxRelayResponse}
 	if sc := resp.Header.Values("Set-Cookie"); len(sc) > 0 {
@@ -181,6 +187,10 @@ func (rl *relay) modifyResponse(resp *http.Response) error {
 	}
 	return nil
 }
+
+// errBadAnswer marks a broker answer the relay will not forward (502);
+// any other failure means the broker did not answer (503).
+var errBadAnswer = errors.New("the key broker's answer cannot be relayed")
 
 // errResponseTooLarge aborts a broker answer beyond maxRelayResponse.
 var errResponseTooLarge = errors.New("the key broker's answer exceeds the relay's limit")

@@ -259,6 +259,35 @@ func TestRelayCookie(t *testing.T) {
 	}
 }
 
+// A broker that does not answer (down, restarting) is a 503, which
+// the guest asks again after; the reason names the broker.
+func TestRelayBrokerDown(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := "http://" + l.Addr().String()
+	l.Close() // nothing listens there now
+	rl, err := newRelay(Broker{URL: down}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, h := socketPair(t)
+	stop := rl.serve(h, func() (net.Conn, error) { return nil, fmt.Errorf("no more connections") })
+	defer stop()
+	conns := make(chan net.Conn, 1)
+	conns <- g
+	resp, err := guestClient(t, conns).Post("http://cwrun.kbs/kbs/v0/auth", "application/json", strings.NewReader(`{}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "could not reach the key broker at "+down) {
+		t.Errorf("a broker that is down: %d %s, want 503 naming it", resp.StatusCode, body)
+	}
+}
+
 func TestNewRelayBadURL(t *testing.T) {
 	for _, u := range []string{"", "kbs:8443", "ftp://kbs", "https://", "::"} {
 		if _, err := newRelay(Broker{URL: u}, slog.New(slog.DiscardHandler)); err == nil {
