@@ -52,7 +52,6 @@ import (
 // Handshakes are known by their session nonce; one that finishes on
 // another replica simply ages out of this one's count.
 type admission struct {
-	now     func() time.Time
 	floor   float64
 	maxWait time.Duration
 
@@ -121,10 +120,10 @@ var (
 	errQueueFull = errors.New("broker busy: its queue of handshakes is full")
 )
 
-func newAdmission(now func() time.Time, maxWait time.Duration) *admission {
+func newAdmission(maxWait time.Duration) *admission {
 	floor := float64(admitFloorPerCore * runtime.GOMAXPROCS(0))
 	return &admission{
-		now: now, floor: floor, maxWait: maxWait, limit: floor, growing: true,
+		floor: floor, maxWait: maxWait, limit: floor, growing: true,
 		activeBy: map[string]int{}, byNonce: map[string]*slot{}, waiting: map[string][]*waiter{},
 	}
 }
@@ -153,7 +152,7 @@ func (a *admission) enter(ctx context.Context, src string) (*slot, error) {
 	w := &waiter{src: src, seq: a.seq, ready: make(chan struct{})}
 	a.waiting[src] = append(a.waiting[src], w)
 	a.nWaiting++
-	a.wake(a.now())
+	a.wake(time.Now())
 	sl := w.slot
 	a.mu.Unlock()
 	if sl != nil {
@@ -248,7 +247,7 @@ func (a *admission) finish(sl *slot, released bool) {
 	if sl.nonce != "" {
 		delete(a.byNonce, sl.nonce)
 	}
-	now := a.now()
+	now := time.Now()
 	switch {
 	case sl.late:
 		if released {
@@ -371,7 +370,7 @@ func (a *admission) arm(now time.Time) {
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		a.timer = nil
-		a.wake(a.now())
+		a.wake(time.Now())
 	})
 }
 

@@ -17,7 +17,7 @@ import (
 // newTestAdmission makes an admission with a fixed limit of n, that
 // stays there until samples move it.
 func newTestAdmission(n int, wait time.Duration) *admission {
-	a := newAdmission(time.Now, wait)
+	a := newAdmission(wait)
 	a.floor, a.limit = float64(n), float64(n)
 	return a
 }

@@ -151,9 +151,9 @@ func New(opts Options) (*Server, error) {
 		if wait <= 0 {
 			wait = DefaultAdmitWait
 		}
-		// Real time, not opts.Now: durations are measured, and a test's
+		// Admission measures with the real clock, not opts.Now: a test's
 		// frozen clock must not freeze the queue.
-		s.admit = newAdmission(time.Now, wait)
+		s.admit = newAdmission(wait)
 	}
 	s.metrics, err = newMetrics(opts.Metrics, s.admit)
 	if err != nil {
