@@ -6,7 +6,14 @@
 # cores). Targets on a 2-core box: sample >= 3000/s, snp >= 800/s, p99 <
 # 50 ms.
 #
-# BenchmarkHandshake runs clients and broker in one process;
+# BenchmarkHandshake runs clients and broker in one process, each guest
+# starting its next handshake the moment the last one ends: the most
+# the broker does (throughput), at a latency that Little's law fixes at
+# 64 / (handshakes/s) on average;
+# BenchmarkHandshakeAtTarget offers each case its target load (3000 or
+# 800 handshakes begun per second, on schedule, from the same 64 guests)
+# and reports the latency they see at it, counted from when each
+# handshake was due;
 # BenchmarkHandshakeSplit runs the clients in a second process so that
 # the broker's own CPU per handshake is measured apart from theirs;
 # BenchmarkHandshakePieces times the broker's steps one by one;

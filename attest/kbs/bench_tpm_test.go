@@ -43,7 +43,7 @@ func BenchmarkHandshakeTPM(b *testing.B) {
 		}
 	}
 	cpu0 := cpuTime(syscall.RUSAGE_SELF)
-	res, err := loadgen(context.Background(), br.ts.URL, tpmGuests, b.N, func(i int) attest.Attester { return atts[i] }, b.ResetTimer)
+	res, err := loadgen(context.Background(), br.ts.URL, tpmGuests, b.N, 0, func(i int) attest.Attester { return atts[i] }, b.ResetTimer)
 	if err != nil {
 		b.Fatal(err)
 	}
