@@ -14,7 +14,9 @@ set -euo pipefail
 #   python3-cryptography: a second, independent AES-XTS to decrypt our disks
 #   busybox-static: the sample workload of the demo and the tests
 #   podman, skopeo: local image storage as users have it; reference flattener
-#   iptables: podman's -p forwards, which cwrun reads (iptables-save)
+#   iptables, nftables: podman's -p forwards, which cwrun reads (iptables-save;
+#     nft for netavark's nftables driver)
+#   iproute2: the network namespaces of the port-forward tests
 #   qemu-system-x86, ovmf, swtpm: booting sealed images
 #   docker-registry: a real registry process for transport tests
 #   debootstrap: the benchmark's Debian root file system
@@ -25,7 +27,7 @@ set -euo pipefail
 #   systemd-boot-efi, binutils: the test disk's unified kernel image (stub + objcopy)
 packages=(
 	e2fsprogs cryptsetup-bin python3 python3-cryptography busybox-static
-	podman skopeo uidmap fuse-overlayfs iptables
+	podman skopeo uidmap fuse-overlayfs iptables nftables iproute2
 	qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools
 	docker-registry debootstrap cpio time ca-certificates
 	postgresql tpm2-tools

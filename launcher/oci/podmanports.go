@@ -3,6 +3,7 @@ package oci
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os/exec"
@@ -13,42 +14,106 @@ import (
 )
 
 // PodmanPublished finds the container ports that podman publishes
-// (-p) into container id's network namespace, so that the VM serves
-// them without an AnnotationPublish.
+// (-p) into container id's network namespace (netns, its path), so
+// that the VM serves them without an AnnotationPublish.
 //
 // podman hands the runtime no port list, but rootful podman's network
-// backends (CNI, and netavark with iptables) forward each published
-// port with a DNAT rule in the host's nat table, to the container's
-// address; and they tag the container's own rules with a comment that
-// holds its full id ("name: NET id: ID"), one of which (POSTROUTING)
-// matches that address as its source. So the container's addresses
-// come from the rules tagged with its id, and its ports from the DNAT
-// rules that lead to those addresses. Rootless podman forwards ports
-// with a process (rootlessport) instead: nothing is found, and the
-// annotation is still needed.
+// backends forward each published port with a DNAT rule on the host,
+// to the container's address: in the nat table of iptables (CNI, and
+// netavark's iptables driver), or in nftables' "inet netavark" table
+// (netavark's nftables driver, the default of newer podman). The
+// container's addresses are those of its namespace; with iptables
+// they also come from the rules tagged with its full id ("name: NET
+// id: ID"), one of which (POSTROUTING) matches that address as its
+// source. The ports are those of the DNAT rules that lead to one of
+// those addresses. Rootless podman forwards ports with a process
+// (rootlessport) instead: nothing is found, and the annotation is
+// still needed.
 //
-// An error means the rules could not be read (no iptables-save, not
-// root); no rules for the container is no error.
-func PodmanPublished(ctx context.Context, id string) ([]vm.Forward, error) {
+// An error means no rules could be read at all (neither iptables-save
+// nor nft there, not root); no rules for the container is no error.
+func PodmanPublished(ctx context.Context, id, netns string) ([]vm.Forward, error) {
 	if len(id) < 12 {
 		// Too short an id could match another container's.
 		return nil, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	var out, errb bytes.Buffer
-	cmd := exec.CommandContext(ctx, "iptables-save", "-t", "nat")
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("reading podman's port forwards (iptables-save -t nat): %w: %s", err, strings.TrimSpace(errb.String()))
+	addrs := map[netip.Addr]bool{}
+	if netns != "" {
+		// Unreadable, the id-tagged rules still tell iptables' case.
+		as, _ := NetNSAddrs(netns)
+		for _, a := range as {
+			addrs[a] = true
+		}
 	}
-	return parsePodmanDNAT(out.String(), id), nil
+	var dnat []dnatRule
+	ipt, iptErr := run(ctx, "iptables-save", "-t", "nat")
+	if iptErr == nil {
+		tagged, rules := parseIptablesNAT(ipt, id)
+		for _, a := range tagged {
+			addrs[a] = true
+		}
+		dnat = append(dnat, rules...)
+	}
+	// The table is there only where netavark's nftables driver made it.
+	nft, nftErr := run(ctx, "nft", "-j", "list", "table", "inet", "netavark")
+	if nftErr == nil {
+		rules, err := parseNftDNAT([]byte(nft))
+		if err != nil {
+			return nil, fmt.Errorf("reading podman's port forwards (nft -j list table inet netavark): %w", err)
+		}
+		dnat = append(dnat, rules...)
+	}
+	if iptErr != nil && nftErr != nil {
+		return nil, fmt.Errorf("reading podman's port forwards: %w; %w", iptErr, nftErr)
+	}
+	return forwardsTo(dnat, addrs), nil
 }
 
-// parsePodmanDNAT reads iptables-save output: see PodmanPublished.
-func parsePodmanDNAT(rules, id string) []vm.Forward {
-	addrs := map[netip.Addr]bool{}
-	var dnat [][]string
+// run runs a program that reads the host's state and returns its
+// standard output.
+func run(ctx context.Context, prog string, args ...string) (string, error) {
+	var out, errb bytes.Buffer
+	cmd := exec.CommandContext(ctx, prog, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err, strings.TrimSpace(errb.String()))
+	}
+	return out.String(), nil
+}
+
+// dnatRule is one port forward of the host: proto packets are sent on
+// to to.
+type dnatRule struct {
+	proto string
+	to    netip.AddrPort
+}
+
+// forwardsTo keeps the forwards to one of addrs, each port once.
+func forwardsTo(dnat []dnatRule, addrs map[netip.Addr]bool) []vm.Forward {
+	var fs []vm.Forward
+	seen := map[vm.Forward]bool{}
+	for _, r := range dnat {
+		if r.proto != "tcp" && r.proto != "udp" {
+			continue
+		}
+		if !addrs[r.to.Addr().Unmap()] || r.to.Port() == 0 {
+			continue // another container's, or a port range
+		}
+		fw := vm.Forward{HostPort: int(r.to.Port()), GuestPort: int(r.to.Port()), Proto: r.proto}
+		if !seen[fw] {
+			seen[fw] = true
+			fs = append(fs, fw)
+		}
+	}
+	return fs
+}
+
+// parseIptablesNAT reads iptables-save output: the single addresses
+// that rules tagged with container id match as their source, and every
+// DNAT rule.
+func parseIptablesNAT(rules, id string) (tagged []netip.Addr, dnat []dnatRule) {
 	for line := range strings.Lines(rules) {
 		if !strings.HasPrefix(line, "-A ") {
 			continue
@@ -56,31 +121,76 @@ func parsePodmanDNAT(rules, id string) []vm.Forward {
 		f := strings.Fields(line)
 		if taggedWith(line, id) {
 			if a, ok := hostAddr(flag(f, "-s")); ok {
-				addrs[a] = true
+				tagged = append(tagged, a)
 			}
 		}
-		if flag(f, "-j") == "DNAT" {
-			dnat = append(dnat, f)
-		}
-	}
-	var fs []vm.Forward
-	seen := map[vm.Forward]bool{}
-	for _, f := range dnat {
-		proto := flag(f, "-p")
-		if proto != "tcp" && proto != "udp" {
+		if flag(f, "-j") != "DNAT" {
 			continue
 		}
 		to, err := netip.ParseAddrPort(flag(f, "--to-destination"))
-		if err != nil || !addrs[to.Addr()] || to.Port() == 0 {
-			continue // another container's, or a port range
+		if err != nil {
+			continue // a port range, or an address alone
 		}
-		fw := vm.Forward{HostPort: int(to.Port()), GuestPort: int(to.Port()), Proto: proto}
-		if !seen[fw] {
-			seen[fw] = true
-			fs = append(fs, fw)
+		dnat = append(dnat, dnatRule{proto: flag(f, "-p"), to: to})
+	}
+	return tagged, dnat
+}
+
+// parseNftDNAT reads the DNAT rules of `nft -j` output (libnftables'
+// JSON): a rule that matches "tcp dport N" or "udp dport N" and ends
+// in "dnat ip to ADDR:PORT", as netavark writes one per published port.
+func parseNftDNAT(data []byte) ([]dnatRule, error) {
+	var doc struct {
+		Nftables []struct {
+			Rule *struct {
+				Expr []struct {
+					Match *struct {
+						Left struct {
+							Payload *struct {
+								Protocol string `json:"protocol"`
+								Field    string `json:"field"`
+							} `json:"payload"`
+						} `json:"left"`
+					} `json:"match"`
+					DNAT *struct {
+						Addr json.RawMessage `json:"addr"`
+						Port json.RawMessage `json:"port"`
+					} `json:"dnat"`
+				} `json:"expr"`
+			} `json:"rule"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("not nft's JSON: %w", err)
+	}
+	var dnat []dnatRule
+	for _, o := range doc.Nftables {
+		if o.Rule == nil {
+			continue
+		}
+		proto := ""
+		for _, e := range o.Rule.Expr {
+			if m := e.Match; m != nil && m.Left.Payload != nil && m.Left.Payload.Field == "dport" {
+				proto = m.Left.Payload.Protocol
+			}
+			if e.DNAT == nil {
+				continue
+			}
+			// Only a plain address and port: a set, a map or a range
+			// is not one of netavark's per-port rules.
+			var addr string
+			var port uint16
+			if json.Unmarshal(e.DNAT.Addr, &addr) != nil || json.Unmarshal(e.DNAT.Port, &port) != nil {
+				continue
+			}
+			a, err := netip.ParseAddr(addr)
+			if err != nil {
+				continue
+			}
+			dnat = append(dnat, dnatRule{proto: proto, to: netip.AddrPortFrom(a, port)})
 		}
 	}
-	return fs
+	return dnat, nil
 }
 
 // taggedWith says whether a rule's comment names container id in

@@ -139,7 +139,7 @@ wait:
 		// podman made the namespace: serve the ports its -p forwards
 		// there. Unreadable rules (rootless podman) leave the
 		// annotation as the only source, as before.
-		if found, err := PodmanPublished(ctx, id); err == nil {
+		if found, err := PodmanPublished(ctx, id, netns.Path); err == nil {
 			publish = MergePublish(publish, found)
 		}
 	}
