@@ -115,7 +115,11 @@ func PushSealed(ctx context.Context, sess *images.Session, sealedRef, dest strin
 	defer os.Remove(disk.path)
 	log.Info("disk compressed", "size", disk.size, "compressed", disk.desc.Size)
 
-	repo, err := newRepository(ctx, sys, dn)
+	dst, err := pushSource(sys, dn)
+	if err != nil {
+		return nil, err
+	}
+	repo, err := newRepository(ctx, sys, dst)
 	if err != nil {
 		return nil, err
 	}

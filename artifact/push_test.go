@@ -248,3 +248,76 @@ func TestRegistryAuth(t *testing.T) {
 	}
 	sameFile(t, d.Path, disk)
 }
+
+// --referrer-of goes through registries.conf's mirrors, as a pull does:
+// an edge box that reaches only a mirror finds the disk there, and a
+// mirror without the referrer leaves the lookup to the registry.
+func TestReferrerThroughMirror(t *testing.T) {
+	ctx := context.Background()
+	layer := testimage.Layer(t, testimage.Entry{Name: "hello", Body: "hi"})
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	withMirror := func(t *testing.T, registry, mirror string) PullOptions {
+		opts := testOpts(t)
+		conf := filepath.Join(t.TempDir(), "registries.conf")
+		body := fmt.Sprintf("[[registry]]\nlocation = %q\ninsecure = true\n[[registry.mirror]]\nlocation = %q\ninsecure = true\n", registry, mirror)
+		if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		opts.System.SystemRegistriesConfPath = conf
+		return opts
+	}
+	push := func(t *testing.T, r *reg, disk []byte) *PushResult {
+		t.Helper()
+		sess := images.NewSession(images.Options{System: testSys(t)})
+		defer sess.Close()
+		res, err := PushSealed(ctx, sess, writeSealed(t, disk), r.addr+"/app:v1-disk", PushOptions{Subject: r.addr + "/app:v1", Created: t0})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+
+	t.Run("only the mirror answers", func(t *testing.T) {
+		mirror := startGGCR(t)
+		putImage(t, repo(t, mirror, "app"), "v1", true, layer)
+		disk := rawDisk(t, 1<<20, 20)
+		res := push(t, mirror, disk)
+		// Nothing listens on port 1: the registry itself is out of reach.
+		opts := withMirror(t, "127.0.0.1:1", mirror.addr)
+		opts.ReferrerOf = "127.0.0.1:1/app:v1"
+		d, err := Pull(ctx, "", opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Digest != res.Layer.Digest {
+			t.Errorf("pulled %s; want %s", d.Digest, res.Layer.Digest)
+		}
+		sameFile(t, d.Path, disk)
+	})
+
+	t.Run("the mirror lacks the referrer", func(t *testing.T) {
+		mirror, primary := startGGCR(t), startDistribution(t)
+		putImage(t, repo(t, mirror, "app"), "v1", true, layer)
+		putImage(t, repo(t, primary, "app"), "v1", true, layer)
+		disk := rawDisk(t, 1<<20, 21)
+		res := push(t, primary, disk)
+		opts := withMirror(t, primary.addr, mirror.addr)
+		opts.ReferrerOf = primary.addr + "/app:v1"
+		d, err := Pull(ctx, "", opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Digest != res.Layer.Digest {
+			t.Errorf("pulled %s; want %s", d.Digest, res.Layer.Digest)
+		}
+		sameFile(t, d.Path, disk)
+
+		// Neither has a referrer of this type: the error names both.
+		opts.ArtifactType = "application/vnd.example.other"
+		_, err = Pull(ctx, "", opts)
+		t.Log(err)
+		if !errors.Is(err, ErrNoReferrer) || !strings.Contains(err.Error(), "mirror "+mirror.addr) || !strings.Contains(err.Error(), "registry "+primary.addr) {
+			t.Errorf("err %v; want ErrNoReferrer naming the mirror and the registry", err)
+		}
+	})
+}

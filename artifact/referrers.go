@@ -7,14 +7,18 @@ package artifact
 // implements exactly that and is already in go.mod. What c/image gives
 // for free is kept: credentials come from the same auth.json lookup
 // (pkg/docker/config), TLS from registries.conf's `insecure`, certs.d and
-// --tls-verify, and blocked registries stay blocked. Mirrors of
-// registries.conf are not used for referrers (the spec scopes referrers
-// to one repository of one registry).
+// --tls-verify, and blocked registries stay blocked. Referrers are
+// looked up where registries.conf says to pull from: its mirrors first,
+// in order, then the registry (an edge box often reaches only a
+// mirror). The spec scopes referrers to one repository of one registry,
+// so each source is asked on its own, and the first that lists a
+// referrer of the wanted type answers.
 
 import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"path/filepath"
@@ -61,22 +65,63 @@ func registryHost(domain string) string {
 	return domain
 }
 
-// newRepository makes an oras client for n's repository with c/image's
-// credentials and TLS settings.
-func newRepository(ctx context.Context, sys *types.SystemContext, n reference.Named) (*remote.Repository, error) {
-	domain := reference.Domain(n)
-	host := registryHost(domain)
-	skipVerify := sys.DockerInsecureSkipTLSVerify == types.OptionalBoolTrue
+// source is one place to reach a repository at: the registry itself,
+// or one of its mirrors in registries.conf.
+type source struct {
+	ref      reference.Named // the repository there
+	insecure bool            // registries.conf's insecure for it
+	mirror   bool
+}
+
+// pushSource is where a push of n goes: the registry n names, never a
+// mirror.
+func pushSource(sys *types.SystemContext, n reference.Named) (source, error) {
+	reg, err := findRegistry(sys, n)
+	if err != nil || reg == nil {
+		return source{ref: n}, err
+	}
+	return source{ref: n, insecure: reg.Insecure}, nil
+}
+
+// pullSources lists where registries.conf sends a pull of n (a
+// reference by digest, so that digest-only mirrors count): its mirrors
+// in order, then the registry.
+func pullSources(sys *types.SystemContext, n reference.Named) ([]source, error) {
+	reg, err := findRegistry(sys, n)
+	if err != nil || reg == nil {
+		return []source{{ref: n}}, err
+	}
+	ps, err := reg.PullSourcesFromReference(n)
+	if err != nil {
+		return nil, fmt.Errorf("registries.conf's sources for %s: %w", n, err)
+	}
+	out := make([]source, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, source{ref: p.Reference, insecure: p.Endpoint.Insecure, mirror: p.Endpoint.Location != reg.Location})
+	}
+	return out, nil
+}
+
+// findRegistry is n's entry in registries.conf (nil: none), refused
+// when blocked.
+func findRegistry(sys *types.SystemContext, n reference.Named) (*sysregistriesv2.Registry, error) {
 	reg, err := sysregistriesv2.FindRegistry(sys, n.Name())
 	if err != nil {
 		return nil, fmt.Errorf("reading registries.conf: %w", err)
 	}
-	if reg != nil {
-		if reg.Blocked {
-			return nil, fmt.Errorf("registry %s is blocked in registries.conf", domain)
-		}
-		skipVerify = skipVerify || reg.Insecure
+	if reg != nil && reg.Blocked {
+		return nil, fmt.Errorf("registry %s is blocked in registries.conf", reference.Domain(n))
 	}
+	return reg, nil
+}
+
+// newRepository makes an oras client for src's repository with
+// c/image's credentials and TLS settings.
+func newRepository(ctx context.Context, sys *types.SystemContext, src source) (*remote.Repository, error) {
+	n := src.ref
+	domain := reference.Domain(n)
+	host := registryHost(domain)
+	skipVerify := sys.DockerInsecureSkipTLSVerify == types.OptionalBoolTrue || src.insecure
 	tlsc := &tls.Config{InsecureSkipVerify: skipVerify} //nolint:gosec // only with --tls-verify=false or registries.conf's insecure
 	for _, dir := range certDirs(sys, domain) {
 		if err := tlsclientconfig.SetupCertificates(dir, tlsc); err != nil {
@@ -232,7 +277,8 @@ func subjectOf(ctx context.Context, sys *types.SystemContext, n reference.Named)
 }
 
 // findReferrer finds the newest referrer of image with artifactType and
-// returns a reference to it by digest, in image's repository.
+// returns a reference to it by digest, in image's repository (a pull of
+// it goes through the same mirrors).
 func (p *puller) findReferrer(ctx context.Context, image, artifactType string) (types.ImageReference, error) {
 	n, err := parseRegistryRef("--referrer-of", image)
 	if err != nil {
@@ -242,38 +288,69 @@ func (p *puller) findReferrer(ctx context.Context, image, artifactType string) (
 	if err != nil {
 		return nil, err
 	}
-	repo, err := newRepository(ctx, p.sys, n)
+	byDigest, err := reference.WithDigest(reference.TrimNamed(n), top.Digest)
 	if err != nil {
 		return nil, err
 	}
-	api, err := referrersAPI(ctx, repo, top.Digest)
+	sources, err := pullSources(p.sys, byDigest)
 	if err != nil {
 		return nil, err
+	}
+	subjects := []imgspecv1.Descriptor{top}
+	if inst != nil {
+		subjects = []imgspecv1.Descriptor{*inst, top}
+	}
+	var errs []error
+	for _, src := range sources {
+		r, err := p.referrerAt(ctx, src, n, subjects, artifactType)
+		if err == nil {
+			named, err := reference.WithDigest(reference.TrimNamed(n), r)
+			if err != nil {
+				return nil, err
+			}
+			return docker.NewReference(named)
+		}
+		if len(sources) == 1 {
+			return nil, err
+		}
+		where := "registry"
+		if src.mirror {
+			where = "mirror"
+		}
+		p.log.Info("no referrer at this source", "image", n.String(), where, reference.Domain(src.ref), "error", err)
+		errs = append(errs, fmt.Errorf("%s %s: %w", where, reference.Domain(src.ref), err))
+	}
+	return nil, fmt.Errorf("referrers of %s, looked up at its %d sources in registries.conf (mirrors first): %w", n, len(sources), errors.Join(errs...))
+}
+
+// referrerAt looks for the newest referrer with artifactType of the
+// first of subjects that has one, in src's repository.
+func (p *puller) referrerAt(ctx context.Context, src source, n reference.Named, subjects []imgspecv1.Descriptor, artifactType string) (digest.Digest, error) {
+	top := subjects[len(subjects)-1]
+	repo, err := newRepository(ctx, p.sys, src)
+	if err != nil {
+		return "", err
+	}
+	api, err := referrersAPI(ctx, repo, top.Digest)
+	if err != nil {
+		return "", err
 	}
 	repo.SetReferrersCapability(api)
 	how := "the referrers API"
 	if !api {
 		how = "the sha256-<hex> tag schema (the registry has no referrers API)"
 	}
-	subjects := []imgspecv1.Descriptor{top}
-	if inst != nil {
-		subjects = []imgspecv1.Descriptor{*inst, top}
-	}
 	for _, s := range subjects {
 		found, err := referrersOf(ctx, repo, s, artifactType)
 		if err != nil {
-			return nil, fmt.Errorf("listing referrers of %s (%s) through %s: %w", n, s.Digest, how, err)
+			return "", fmt.Errorf("listing referrers of %s (%s) through %s: %w", src.ref, s.Digest, how, err)
 		}
 		if len(found) == 0 {
 			continue
 		}
 		r := newest(found)
-		p.log.Info("found referrer", "image", n.String(), "subject", s.Digest, "artifact", r.Digest, "of", len(found), "via", how)
-		named, err := reference.WithDigest(reference.TrimNamed(n), r.Digest)
-		if err != nil {
-			return nil, err
-		}
-		return docker.NewReference(named)
+		p.log.Info("found referrer", "image", n.String(), "at", src.ref.Name(), "subject", s.Digest, "artifact", r.Digest, "of", len(found), "via", how)
+		return r.Digest, nil
 	}
 	// Say what there is instead.
 	var others []string
@@ -287,7 +364,7 @@ func (p *puller) findReferrer(ctx context.Context, image, artifactType string) (
 	if len(others) > 0 {
 		have = "it has:\n  " + strings.Join(others, "\n  ")
 	}
-	return nil, fmt.Errorf("%s (%s): %w with artifactType %q, looked up through %s; %s", n, top.Digest, ErrNoReferrer, artifactType, how, have)
+	return "", fmt.Errorf("%s (%s): %w with artifactType %q, looked up through %s; %s", src.ref.Name(), top.Digest, ErrNoReferrer, artifactType, how, have)
 }
 
 // maxReferrerFetches bounds the manifests read to complete referrer

@@ -25,7 +25,8 @@ REF may be
   - a containerdisk image: one disk file under / or /disk/ of its layers.
 With --referrer-of IMAGE, REF is left out: the newest referrer of IMAGE
 with --artifact-type is pulled (the referrers API, or the sha256-<hex>
-tag schema on registries without it).
+tag schema on registries without it), looked up at registries.conf's
+mirrors first, then at the registry.
 
 A bare name means a registry image (registries.conf's short names apply);
 docker:// and oci: references are read as such.`,
