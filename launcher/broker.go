@@ -85,7 +85,17 @@ type relay struct {
 	proxy   *httputil.ReverseProxy
 	timeout time.Duration
 	log     *slog.Logger
+
+	// The last "not answering" warning, so that a guest asking again
+	// every second while the broker is down repeats it only when the
+	// reason changes, or every warnEvery.
+	mu       sync.Mutex
+	warned   string
+	warnedAt time.Time
 }
+
+// warnEvery is how often the same "not answering" warning repeats.
+const warnEvery = 15 * time.Second
 
 func newRelay(b Broker, log *slog.Logger) (*relay, error) {
 	u, err := url.Parse(b.URL)
@@ -117,11 +127,28 @@ func newRelay(b Broker, log *slog.Logger) (*relay, error) {
 				return
 			}
 			// Not answering is what a broker being restarted does: 503,
-			// which the guest asks again after (until its timeout).
+			// which the guest asks again after (until its timeout). The
+			// host's log says why at once: a wrong URL or a firewall
+			// would otherwise show only when the guest gives up.
+			rl.warnDown(err)
 			http.Error(w, fmt.Sprintf("cwrun's relay could not reach the key broker at %s: %v", u.Redacted(), err), http.StatusServiceUnavailable)
 		},
 	}
 	return rl, nil
+}
+
+// warnDown logs that the broker is not answering, unless the same
+// reason was logged less than warnEvery ago.
+func (rl *relay) warnDown(err error) {
+	msg := err.Error()
+	rl.mu.Lock()
+	if msg == rl.warned && time.Since(rl.warnedAt) < warnEvery {
+		rl.mu.Unlock()
+		return
+	}
+	rl.warned, rl.warnedAt = msg, time.Now()
+	rl.mu.Unlock()
+	rl.log.Warn("the key broker is not answering; the guest asks again until its timeout", "broker", rl.target.Redacted(), "error", msg)
 }
 
 func (rl *relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {

@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cwrun/cwrun/internal/syncbuf"
 	"github.com/cwrun/cwrun/internal/testdisk"
 	"github.com/cwrun/cwrun/launcher/kernel"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -456,7 +457,7 @@ func TestDiskConsoleTerminal(t *testing.T) {
 	e := newVMEnv(t, newStore(t))
 	master, slave := openTestPTY(t, 24, 80)
 	cmd := e.command("run", "--disk", raw, "--memory", "512")
-	var stderr syncBuffer
+	var stderr syncbuf.Buffer
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -470,7 +471,7 @@ func TestDiskConsoleTerminal(t *testing.T) {
 		case <-time.After(10 * time.Second):
 		}
 	})
-	var out syncBuffer
+	var out syncbuf.Buffer
 	go io.Copy(&out, master) //nolint:errcheck // ends when the pty closes
 	waitFor := func(what string) {
 		t.Helper()

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/cwrun/cwrun/attest/kbs/config"
+	"github.com/cwrun/cwrun/internal/syncbuf"
 	"github.com/cwrun/cwrun/internal/testimage"
 	"github.com/cwrun/cwrun/launcher/oci"
 	"golang.org/x/sys/unix"
@@ -66,7 +67,7 @@ func (p podmanEnv) runEnv(t *testing.T, env []string, stdin io.Reader, args ...s
 	ctx.Env = append(append(os.Environ(), "CONTAINERS_CONF="+p.conf), env...)
 	ctx.Stdin = stdin
 	var r result
-	var out, errb syncBuffer
+	var out, errb syncbuf.Buffer
 	ctx.Stdout, ctx.Stderr = &out, &errb
 	done := make(chan error, 1)
 	if err := ctx.Start(); err != nil {
@@ -322,7 +323,7 @@ func TestPodmanRuntime(t *testing.T) {
 		done := make(chan error, 1)
 		go func() { done <- cmd.Wait() }()
 		defer cmd.Process.Kill() //nolint:errcheck // gone already when the test passes
-		var out syncBuffer
+		var out syncbuf.Buffer
 		go io.Copy(&out, master) //nolint:errcheck // ends when the master closes
 		wait := func(what string) { t.Helper(); waitOutput(t, "podman", &out, done, what) }
 		wait("armed")

@@ -27,6 +27,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cwrun/cwrun/internal/syncbuf"
 	"github.com/cwrun/cwrun/internal/testimage"
 	"golang.org/x/sys/unix"
 )
@@ -102,7 +103,7 @@ func (e *vmEnv) runOnly(t *testing.T, args ...string) vmResult {
 	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(os.TempDir(), "cwrun-e2e-cache"), "XDG_RUNTIME_DIR="+e.rtDir)
 	cmd.Env = append(cmd.Env, e.extra...)
 	cmd.Stdin = e.stdin
-	var errb syncBuffer
+	var errb syncbuf.Buffer
 	cmd.Stderr = &errb
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -166,7 +167,7 @@ func (e *vmEnv) command(args ...string) *exec.Cmd {
 // bgRun is a cwrun run in the background, its output collected.
 type bgRun struct {
 	cmd         *exec.Cmd
-	out, stderr syncBuffer
+	out, stderr syncbuf.Buffer
 	done        chan struct{}
 	err         error
 }
@@ -607,7 +608,7 @@ func TestRun(t *testing.T) {
 		e := newVMEnv(t, si.s)
 		cmd := exec.Command(cwrunBin, si.s.flags("run", "--passphrase-file", si.key, si.plain)...)
 		cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(os.TempDir(), "cwrun-e2e-cache"), "XDG_RUNTIME_DIR="+e.rtDir)
-		var errb syncBuffer
+		var errb syncbuf.Buffer
 		cmd.Stderr = &errb
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -807,7 +808,7 @@ func testTTY(t *testing.T, si sealedImages) {
 	defer func() {
 		cmd.Process.Kill()
 	}()
-	var out syncBuffer
+	var out syncbuf.Buffer
 	go io.Copy(&out, master) //nolint:errcheck // ends when the master closes
 	wait := func(what string) { t.Helper(); waitOutput(t, "cwrun", &out, done, what) }
 	wait("ready")
@@ -858,7 +859,7 @@ func testTTY(t *testing.T, si sealedImages) {
 // waitOutput waits up to 2 minutes for what in out (carriage returns
 // dropped, as a pty adds them), failing if the program (who) ends first
 // (done).
-func waitOutput(t *testing.T, who string, out *syncBuffer, done <-chan error, what string) {
+func waitOutput(t *testing.T, who string, out *syncbuf.Buffer, done <-chan error, what string) {
 	t.Helper()
 	deadline := time.After(2 * time.Minute)
 	for !strings.Contains(strings.ReplaceAll(out.String(), "\r", ""), what) {

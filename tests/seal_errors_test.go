@@ -1,17 +1,16 @@
 package tests
 
 import (
-	"bytes"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cwrun/cwrun/internal/syncbuf"
 	"github.com/cwrun/cwrun/internal/testimage"
 )
 
@@ -136,7 +135,7 @@ func TestSealInterrupted(t *testing.T) {
 	for _, stage := range []string{"making the ext4", "encrypting", "writing the sealed image"} {
 		t.Run(stage, func(t *testing.T) {
 			cmd := exec.Command(cwrunBin, s.flags("build", "--tee", "sample", "--passphrase-file", key, "--tmpdir", dir, src, "localhost/int:1")...)
-			var stderr syncBuffer
+			var stderr syncbuf.Buffer
 			cmd.Stderr = &stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
@@ -225,22 +224,4 @@ func TestInspectNotSealed(t *testing.T) {
 	if r.code == 0 || !strings.Contains(r.stderr, "not a sealed image") || !strings.Contains(r.stderr, "cwrun build") {
 		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a writer goroutine and a reader.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -26,6 +26,7 @@ import (
 	"golang.org/x/crypto/xts"
 
 	"github.com/cwrun/cwrun/guest/proto"
+	"github.com/cwrun/cwrun/internal/syncbuf"
 	"github.com/cwrun/cwrun/sealed"
 )
 
@@ -273,7 +274,7 @@ func bootWith(t *testing.T, vm testVM, disk string, cfg proto.Config, network bo
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	qemu := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
-	var console syncBuffer
+	var console syncbuf.Buffer
 	qemu.Stdout, qemu.Stderr = &console, &console
 	start := time.Now()
 	if err := qemu.Start(); err != nil {
@@ -352,23 +353,6 @@ func bootWith(t *testing.T, vm testVM, disk string, cfg proto.Config, network bo
 		t.Fatalf("QEMU: %v; console:\n%s", err, r.console)
 	}
 	return r
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestBootSealedDisk(t *testing.T) {
