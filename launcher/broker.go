@@ -85,6 +85,8 @@ type relay struct {
 	proxy   *httputil.ReverseProxy
 	timeout time.Duration
 	log     *slog.Logger
+	// warn receives cwrun's warnings for the user (Options.Warn).
+	warn io.Writer
 
 	// The last "not answering" warning, so that a guest asking again
 	// every second while the broker is down repeats it only when the
@@ -97,7 +99,7 @@ type relay struct {
 // warnEvery is how often the same "not answering" warning repeats.
 const warnEvery = 15 * time.Second
 
-func newRelay(b Broker, log *slog.Logger) (*relay, error) {
+func newRelay(b Broker, log *slog.Logger, warn io.Writer) (*relay, error) {
 	u, err := url.Parse(b.URL)
 	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
 		return nil, fmt.Errorf("key broker URL %q: want https://HOST[:PORT] (or http:// for a test broker)", b.URL)
@@ -113,7 +115,7 @@ func newRelay(b Broker, log *slog.Logger) (*relay, error) {
 			timeout = b.Client.Timeout
 		}
 	}
-	rl := &relay{target: u, timeout: timeout, log: log}
+	rl := &relay{target: u, timeout: timeout, log: log, warn: warn}
 	rl.proxy = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(u) // the broker's scheme, host (and Host header) and path prefix
@@ -137,8 +139,8 @@ func newRelay(b Broker, log *slog.Logger) (*relay, error) {
 	return rl, nil
 }
 
-// warnDown logs that the broker is not answering, unless the same
-// reason was logged less than warnEvery ago.
+// warnDown tells the user that the broker is not answering, unless
+// the same reason was told less than warnEvery ago.
 func (rl *relay) warnDown(err error) {
 	msg := err.Error()
 	rl.mu.Lock()
@@ -148,7 +150,7 @@ func (rl *relay) warnDown(err error) {
 	}
 	rl.warned, rl.warnedAt = msg, time.Now()
 	rl.mu.Unlock()
-	rl.log.Warn("the key broker is not answering; the guest asks again until its timeout", "broker", rl.target.Redacted(), "error", msg)
+	fmt.Fprintf(rl.warn, "cwrun: warning: the key broker at %s is not answering (%s); the guest asks again until its timeout\n", rl.target.Redacted(), msg)
 }
 
 func (rl *relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {

@@ -257,6 +257,16 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 			disk.Image, ErrOverridesRefused, what)
 	}
 	var rl *relay
+	// The terminal first: the relay's warnings go through its writer.
+	var term *hostTerm
+	if o.TTY {
+		term = newHostTerm(o.Stdin, o.Stdout, o.Stderr)
+		o.Warn = warnWriter{w: o.Warn, t: term}
+		if o.Stdin != nil && term.in == nil {
+			// As podman says it; docker refuses.
+			fmt.Fprintf(o.Warn, "cwrun: warning: the input device is not a TTY: -t and -i might not work properly (pipe into -i alone)\n")
+		}
+	}
 	if b := o.Broker; b != nil || (len(o.Passphrase) == 0 && disk.Config.AttestationURL != "") {
 		bk := Broker{URL: disk.Config.AttestationURL}
 		if b != nil {
@@ -276,21 +286,12 @@ func Run(ctx context.Context, sess *images.Session, opts Options) (exitCode int,
 				return 0, fmt.Errorf("%s is sealed for tpm: %w", disk.Image, err)
 			}
 		}
-		if rl, err = newRelay(bk, o.Log); err != nil {
+		if rl, err = newRelay(bk, o.Log, o.Warn); err != nil {
 			return 0, err
 		}
 	}
 	if len(o.Passphrase) == 0 && rl == nil {
 		return 0, fmt.Errorf("no key for the disk of %s: it names no key broker (sealed without --kbs); pass --kbs URL, or --passphrase-file in development mode (the host then knows the key)", disk.Image)
-	}
-	var term *hostTerm
-	if o.TTY {
-		term = newHostTerm(o.Stdin, o.Stdout, o.Stderr)
-		o.Warn = warnWriter{w: o.Warn, t: term}
-		if o.Stdin != nil && term.in == nil {
-			// As podman says it; docker refuses.
-			fmt.Fprintf(o.Warn, "cwrun: warning: the input device is not a TTY: -t and -i might not work properly (pipe into -i alone)\n")
-		}
 	}
 
 	accel, warn, err := o.Accel.Resolve()

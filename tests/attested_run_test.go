@@ -2,11 +2,13 @@ package tests
 
 import (
 	"context"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cwrun/cwrun/attest/kbs"
 	"github.com/cwrun/cwrun/attest/kbs/config"
@@ -61,6 +63,36 @@ func TestAttestedRun(t *testing.T) {
 		r := e.run(t, append(append([]string{"run"}, caFlag...), sealedRef)...)
 		if r.code != 3 || !strings.Contains(r.stdout, "hello from the guest") || !strings.Contains(r.stdout, "FOO=bar") {
 			t.Fatalf("attested run: exit %d (want 3)\nstdout: %s\nstderr: %s\nbroker log:\n%s", r.code, r.stdout, r.stderr, b.log())
+		}
+	})
+
+	// A broker restarting while a guest boots (a rolling upgrade): the
+	// relay answers 503, the user is told once, the guest asks again,
+	// and the boot goes on once a broker answers at the same address.
+	parent := t
+	t.Run("broker restarting", func(t *testing.T) {
+		u, err := url.Parse(b.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.kill()
+		b.wait()
+		run := e.start(t, append(append([]string{"run"}, caFlag...), sealedRef)...)
+		warning := "the key broker at " + b.url + " is not answering"
+		for deadline := time.Now().Add(2 * time.Minute); !strings.Contains(run.stderr.String(), warning); time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no warning %q in 2 minutes\nstderr: %s", warning, run.stderr.String())
+			}
+		}
+		// Long enough for the guest to ask a few times more.
+		time.Sleep(3 * time.Second)
+		b = startBrokerFor(t, parent, kdir, "--tees", "sample", "--listen", "127.0.0.1:"+u.Port())
+		if code := run.exitCode(t); code != 3 || !strings.Contains(run.out.String(), "hello from the guest") {
+			t.Fatalf("a guest whose broker came back: exit %d (want 3)\nstdout: %s\nstderr: %s\nbroker log:\n%s", code, run.out.String(), run.stderr.String(), b.log())
+		}
+		t.Logf("the user sees:\n%s", run.stderr.String())
+		if n := strings.Count(run.stderr.String(), warning); n != 1 {
+			t.Errorf("the warning came %d times; want once:\n%s", n, run.stderr.String())
 		}
 	})
 

@@ -60,6 +60,13 @@ var listenRE = regexp.MustCompile(`listen=(https?://[^ ]+)`)
 // broker answers /healthz. The process is killed at the test's end.
 func startBroker(t *testing.T, dir string, args ...string) *broker {
 	t.Helper()
+	return startBrokerFor(t, t, dir, args...)
+}
+
+// startBrokerFor starts a broker in a subtest t that outlives it: it
+// runs until owner (a parent test) ends.
+func startBrokerFor(t, owner *testing.T, dir string, args ...string) *broker {
+	t.Helper()
 	b := &broker{dir: dir, done: make(chan struct{})}
 	args = append([]string{"kbs", "serve", "--config", filepath.Join(dir, config.FileName), "--listen", "127.0.0.1:0"}, args...)
 	b.cmd = exec.Command(cwrunBin, args...)
@@ -70,7 +77,7 @@ func startBroker(t *testing.T, dir string, args ...string) *broker {
 	if err := b.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { b.kill(); b.wait() })
+	owner.Cleanup(func() { b.kill(); b.wait() })
 	urlc := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
