@@ -277,14 +277,9 @@ func TestReferrerThroughMirror(t *testing.T) {
 		return res
 	}
 
-	t.Run("only the mirror answers", func(t *testing.T) {
-		mirror := startGGCR(t)
-		putImage(t, repo(t, mirror, "app"), "v1", true, layer)
-		disk := rawDisk(t, 1<<20, 20)
-		res := push(t, mirror, disk)
-		// Nothing listens on port 1: the registry itself is out of reach.
-		opts := withMirror(t, "127.0.0.1:1", mirror.addr)
-		opts.ReferrerOf = "127.0.0.1:1/app:v1"
+	// pulls checks that opts's referrer lookup pulls the disk res pushed.
+	pulls := func(t *testing.T, opts PullOptions, res *PushResult, disk []byte) {
+		t.Helper()
 		d, err := Pull(ctx, "", opts)
 		if err != nil {
 			t.Fatal(err)
@@ -293,6 +288,17 @@ func TestReferrerThroughMirror(t *testing.T) {
 			t.Errorf("pulled %s; want %s", d.Digest, res.Layer.Digest)
 		}
 		sameFile(t, d.Path, disk)
+	}
+
+	t.Run("only the mirror answers", func(t *testing.T) {
+		mirror := startGGCR(t)
+		putImage(t, repo(t, mirror, "app"), "v1", true, layer)
+		disk := rawDisk(t, 1<<20, 20)
+		res := push(t, mirror, disk)
+		// Nothing listens on port 1: the registry itself is out of reach.
+		opts := withMirror(t, "127.0.0.1:1", mirror.addr)
+		opts.ReferrerOf = "127.0.0.1:1/app:v1"
+		pulls(t, opts, res, disk)
 	})
 
 	t.Run("the mirror lacks the referrer", func(t *testing.T) {
@@ -303,18 +309,11 @@ func TestReferrerThroughMirror(t *testing.T) {
 		res := push(t, primary, disk)
 		opts := withMirror(t, primary.addr, mirror.addr)
 		opts.ReferrerOf = primary.addr + "/app:v1"
-		d, err := Pull(ctx, "", opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if d.Digest != res.Layer.Digest {
-			t.Errorf("pulled %s; want %s", d.Digest, res.Layer.Digest)
-		}
-		sameFile(t, d.Path, disk)
+		pulls(t, opts, res, disk)
 
 		// Neither has a referrer of this type: the error names both.
 		opts.ArtifactType = "application/vnd.example.other"
-		_, err = Pull(ctx, "", opts)
+		_, err := Pull(ctx, "", opts)
 		t.Log(err)
 		if !errors.Is(err, ErrNoReferrer) || !strings.Contains(err.Error(), "mirror "+mirror.addr) || !strings.Contains(err.Error(), "registry "+primary.addr) {
 			t.Errorf("err %v; want ErrNoReferrer naming the mirror and the registry", err)

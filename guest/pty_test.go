@@ -1,34 +1,15 @@
 package guest
 
 import (
-	"bytes"
 	"os"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/cwrun/cwrun/guest/proto"
+	"github.com/cwrun/cwrun/internal/syncbuf"
 )
-
-// syncBuf is a bytes.Buffer safe for one writer and a polling reader.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestPTY runs a shell on a pty as the init does (setsid, the slave as
 // controlling terminal) with the host's devpts standing in for the
@@ -58,7 +39,7 @@ func TestPTY(t *testing.T) {
 		t.Fatal(err)
 	}
 	term.closeSlave()
-	var out syncBuf
+	var out syncbuf.Buffer
 	done := make(chan struct{})
 	go term.relayOut(&out, done)
 	waitFor := func(what string) {

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cwrun/cwrun/internal/syncbuf"
 	"github.com/cwrun/cwrun/launcher/vm"
 )
 
@@ -329,7 +330,7 @@ func TestRunDiskConsoleAndStop(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			runDir := filepath.Join(dir, "run-"+strings.ReplaceAll(c.name, " ", "-"))
-			var out, warn syncBuf
+			var out, warn syncbuf.Buffer
 			sigs := make(chan os.Signal, 1)
 			c.vmm.specs = make(chan vm.Spec, 1)
 			var stdin *strings.Reader
@@ -403,21 +404,4 @@ func TestRunDiskRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/cwrun/cwrun/attest/kbs/store/postgres"
 	"github.com/cwrun/cwrun/attest/kbs/store/sqlite"
 	"github.com/cwrun/cwrun/attest/sample"
+	"github.com/cwrun/cwrun/internal/syncbuf"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -48,24 +49,6 @@ func (c *clock) Advance(d time.Duration) {
 	c.mu.Lock()
 	c.off += d
 	c.mu.Unlock()
-}
-
-// logBuffer collects the broker's log lines.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
 }
 
 // keys are one broker deployment's secrets; replicas share them.
@@ -106,7 +89,7 @@ type broker struct {
 	store store.Store
 	keys  keys
 	clock *clock
-	logs  *logBuffer
+	logs  *syncbuf.Buffer
 	reg   *prometheus.Registry
 	admin *AdminClient
 }
@@ -134,7 +117,7 @@ func newBroker(t testing.TB, opts ...brokerOpt) *broker {
 // k and st are replicas.
 func newBrokerOn(t testing.TB, st store.Store, k keys, opts ...brokerOpt) *broker {
 	t.Helper()
-	b := &broker{t: t, store: st, keys: k, clock: &clock{}, logs: &logBuffer{}, reg: prometheus.NewRegistry()}
+	b := &broker{t: t, store: st, keys: k, clock: &clock{}, logs: &syncbuf.Buffer{}, reg: prometheus.NewRegistry()}
 	o := Options{
 		Store:     st,
 		Verifiers: []attest.Verifier{sample.NewVerifier(), chosenVerifier{attest.TeeSNP}, chosenVerifier{attest.TeeTDX}},
