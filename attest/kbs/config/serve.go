@@ -70,11 +70,11 @@ func (c *Config) Serve(ctx context.Context, o ServeOptions) error {
 		ErrorLog:          slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn),
 	}
 	if useTLS {
-		cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
+		certs, err := newCertReloader(c.TLSCert, c.TLSKey, o.Logger)
 		if err != nil {
-			return fmt.Errorf("tls_cert/tls_key: %w", err)
+			return err
 		}
-		hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		hs.TLSConfig = &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12}
 	}
 	ln, err := net.Listen("tcp", c.Listen)
 	if err != nil {
