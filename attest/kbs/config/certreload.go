@@ -1,6 +1,7 @@
 package config
 
 import (
+	"context"
 	"crypto/tls"
 	"fmt"
 	"log/slog"
@@ -8,6 +9,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // certReloader serves the TLS certificate and key of two files, read
@@ -22,6 +25,9 @@ type certReloader struct {
 	certFile, keyFile string
 	log               *slog.Logger
 	recheck           time.Duration
+	// expiry shows the served certificate's end, for monitoring to
+	// alert on before guests can no longer reach the broker.
+	expiry prometheus.Gauge
 
 	mu        sync.Mutex
 	cert      *tls.Certificate
@@ -36,8 +42,21 @@ type fileStamp struct {
 	mtime     [2]time.Time
 }
 
-func newCertReloader(certFile, keyFile string, log *slog.Logger) (*certReloader, error) {
-	r := &certReloader{certFile: certFile, keyFile: keyFile, log: log, recheck: time.Second}
+// expiryWarning is how long before its end the served certificate is
+// warned about, at the start, on a reload and every day.
+const expiryWarning = 30 * 24 * time.Hour
+
+func newCertReloader(certFile, keyFile string, log *slog.Logger, reg prometheus.Registerer) (*certReloader, error) {
+	r := &certReloader{certFile: certFile, keyFile: keyFile, log: log, recheck: time.Second,
+		expiry: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cwrun_kbs_tls_cert_expiry_timestamp_seconds",
+			Help: "When the TLS certificate the broker serves expires (Unix time).",
+		})}
+	if reg != nil {
+		if err := reg.Register(r.expiry); err != nil {
+			return nil, fmt.Errorf("TLS certificate metric: %w", err)
+		}
+	}
 	st, err := r.stat()
 	if err != nil {
 		return nil, fmt.Errorf("tls_cert/tls_key: %w", err)
@@ -47,7 +66,38 @@ func newCertReloader(certFile, keyFile string, log *slog.Logger) (*certReloader,
 		return nil, fmt.Errorf("tls_cert/tls_key: %w", err)
 	}
 	r.cert, r.stamp, r.checkedAt = &cert, st, time.Now()
+	r.served(time.Now())
 	return r, nil
+}
+
+// served records the certificate in use and warns when it ends soon.
+// The caller holds mu, or has not shared r yet.
+func (r *certReloader) served(now time.Time) {
+	end := r.cert.Leaf.NotAfter
+	r.expiry.Set(float64(end.Unix()))
+	switch left := end.Sub(now); {
+	case left <= 0:
+		r.log.Error("the TLS certificate has expired: clients refuse the broker; renew it (it is read again without a restart)", "tls_cert", r.certFile, "not_after", end)
+	case left < expiryWarning:
+		r.log.Warn(fmt.Sprintf("the TLS certificate expires in %d days: renew it (it is read again without a restart)", int(left.Hours()/24)), "tls_cert", r.certFile, "not_after", end)
+	}
+}
+
+// watchExpiry repeats served's warning every day until ctx ends: a
+// broker that runs for a year unrestarted still says so in time.
+func (r *certReloader) watchExpiry(ctx context.Context) {
+	t := time.NewTicker(24 * time.Hour)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			r.mu.Lock()
+			r.served(now)
+			r.mu.Unlock()
+		}
+	}
 }
 
 func (r *certReloader) stat() (fileStamp, error) {
@@ -87,5 +137,6 @@ func (r *certReloader) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, e
 	}
 	r.cert = &cert
 	r.log.Info("TLS certificate reloaded", "tls_cert", r.certFile, "not_after", cert.Leaf.NotAfter)
+	r.served(now)
 	return r.cert, nil
 }

@@ -5,7 +5,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +15,7 @@ import (
 	"time"
 
 	"github.com/cwrun/cwrun/internal/syncbuf"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // writePair writes a new self-signed certificate and key over the
@@ -20,7 +23,13 @@ import (
 // and returns the certificate's DER.
 func writePair(t *testing.T, certFile, keyFile string) []byte {
 	t.Helper()
-	certPEM, keyPEM, err := selfSigned([]string{"127.0.0.1", "localhost"}, time.Now())
+	return writePairMadeAt(t, certFile, keyFile, time.Now())
+}
+
+// writePairMadeAt writes a pair as Init would have made it at made.
+func writePairMadeAt(t *testing.T, certFile, keyFile string, made time.Time) []byte {
+	t.Helper()
+	certPEM, keyPEM, err := selfSigned([]string{"127.0.0.1", "localhost"}, made)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +51,7 @@ func TestCertReloader(t *testing.T) {
 	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	first := writePair(t, certFile, keyFile)
 	var logs syncbuf.Buffer
-	r, err := newCertReloader(certFile, keyFile, slog.New(slog.NewTextHandler(&logs, nil)))
+	r, err := newCertReloader(certFile, keyFile, slog.New(slog.NewTextHandler(&logs, nil)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +102,7 @@ func TestCertReloader(t *testing.T) {
 	}
 
 	// Unloadable at the start is an error, as before.
-	if _, err := newCertReloader(certFile, filepath.Join(dir, "none"), slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "tls_key") {
+	if _, err := newCertReloader(certFile, filepath.Join(dir, "none"), slog.New(slog.DiscardHandler), nil); err == nil || !strings.Contains(err.Error(), "tls_key") {
 		t.Errorf("a missing key at the start: %v", err)
 	}
 }
@@ -130,4 +139,71 @@ func TestServeReloadsCertificate(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// Monitoring sees when it ends.
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // a test of the metric, not of trust
+	resp, err := hc.Get(url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), "cwrun_kbs_tls_cert_expiry_timestamp_seconds ") {
+		t.Errorf("/metrics has no certificate expiry:\n%.2000s", body)
+	}
+}
+
+// A certificate that ends soon is warned about, and its end is a
+// metric; one that has ended is an error in the log.
+func TestCertExpiry(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	// Made 355 days ago: 10 days left of its year.
+	writePairMadeAt(t, certFile, keyFile, time.Now().Add(-CertValidity+10*24*time.Hour))
+	var logs syncbuf.Buffer
+	reg := prometheus.NewRegistry()
+	r, err := newCertReloader(certFile, keyFile, slog.New(slog.NewTextHandler(&logs, nil)), reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := logs.String(); !strings.Contains(got, "level=WARN") || !strings.Contains(got, "expires in 9 days") {
+		t.Errorf("no warning of the end in 10 days:\n%s", got)
+	}
+	want := float64(r.cert.Leaf.NotAfter.Unix())
+	if got := gauge(t, reg, "cwrun_kbs_tls_cert_expiry_timestamp_seconds"); got != want {
+		t.Errorf("cwrun_kbs_tls_cert_expiry_timestamp_seconds %v, want %v", got, want)
+	}
+	// A day later by the daily check... past its end.
+	r.mu.Lock()
+	r.served(r.cert.Leaf.NotAfter.Add(time.Minute))
+	r.mu.Unlock()
+	if got := logs.String(); !strings.Contains(got, "level=ERROR") || !strings.Contains(got, "has expired") {
+		t.Errorf("no error for an expired certificate:\n%s", got)
+	}
+	// A renewal is quiet.
+	logs = syncbuf.Buffer{}
+	r.recheck = 0
+	writePair(t, certFile, keyFile)
+	r.GetCertificate(nil)
+	if got := logs.String(); strings.Contains(got, "expire") {
+		t.Errorf("a fresh certificate was warned about:\n%s", got)
+	}
+	if got := gauge(t, reg, "cwrun_kbs_tls_cert_expiry_timestamp_seconds"); got <= want {
+		t.Errorf("the metric did not follow the renewal: %v", got)
+	}
+}
+
+// gauge reads a gauge's value from reg.
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no gauge %s in the registry", name)
+	return 0
 }

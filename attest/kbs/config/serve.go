@@ -70,10 +70,13 @@ func (c *Config) Serve(ctx context.Context, o ServeOptions) error {
 		ErrorLog:          slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn),
 	}
 	if useTLS {
-		certs, err := newCertReloader(c.TLSCert, c.TLSKey, o.Logger)
+		certs, err := newCertReloader(c.TLSCert, c.TLSKey, o.Logger, o.Metrics)
 		if err != nil {
 			return err
 		}
+		wctx, stopWatch := context.WithCancel(ctx)
+		defer stopWatch()
+		go certs.watchExpiry(wctx)
 		hs.TLSConfig = &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12}
 	}
 	ln, err := net.Listen("tcp", c.Listen)
