@@ -235,6 +235,39 @@ func TestKbsInitRefusesOverwrite(t *testing.T) {
 	}
 }
 
+// A running broker takes `cwrun kbs renew-tls`'s new pair without a
+// restart: a client holding the new tls.crt gets in, one holding the
+// old one no longer does.
+func TestKbsRenewTLS(t *testing.T) {
+	dir := kbsInit(t)
+	b := startBroker(t, dir, "--tees", "sample")
+	old := b.httpClient(t)
+	out := mustRun(t, cwrunBin, "kbs", "renew-tls", "--dir", dir)
+	if !strings.Contains(out, "renewed") || !strings.Contains(out, "--cacert") {
+		t.Errorf("renew-tls output:\n%s", out)
+	}
+	fresh := b.httpClient(t) // reads the new tls.crt
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := fresh.Get(b.url + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a client with the renewed certificate is still refused 10 s on: %v\nbroker log:\n%s", err, b.log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	old.Transport.(*http.Transport).CloseIdleConnections()
+	if _, err := old.Get(b.url + "/healthz"); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("a client with the old certificate: %v; want a certificate error", err)
+	}
+	if !strings.Contains(b.log(), "TLS certificate reloaded") {
+		t.Errorf("the broker did not log the reload:\n%s", b.log())
+	}
+}
+
 func TestKbsAdminVerbs(t *testing.T) {
 	dir := kbsInit(t)
 	b := startBroker(t, dir, "--tees", "sample,snp")

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"crypto/x509"
 	"fmt"
 	"io"
 	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/cwrun/cwrun/attest/kbs/config"
 	"github.com/spf13/cobra"
@@ -20,9 +23,10 @@ Trustee's KBS protocol 0.4.0 and krun's endpoints.
 
   cwrun kbs init                     make a config, keys and a TLS pair
   cwrun kbs serve                    run the broker
+  cwrun kbs renew-tls                a new self-signed TLS pair, before init's expires
   cwrun kbs workload add ID ...      register a workload (admin API)`,
 	}
-	cmd.AddCommand(newKbsInitCmd(), newKbsServeCmd(g),
+	cmd.AddCommand(newKbsInitCmd(), newKbsServeCmd(g), newKbsRenewTLSCmd(),
 		newKbsWorkloadCmd(), newKbsResourceCmd(), newKbsPolicyCmd())
 	return cmd
 }
@@ -75,4 +79,47 @@ func printInit(w io.Writer, dir, listen string, files []string) {
 	fmt.Fprintf(w, "  cwrun kbs workload add ID%s --tee snp --passphrase-file KEYFILE --ref measurement=HEX\n", admin)
 	fmt.Fprintf(w, "\nkeep admin.key with the administrator; clients trust the broker with --cacert %s\n",
 		filepath.Join(dir, config.TLSCertFile))
+}
+
+func newKbsRenewTLSCmd() *cobra.Command {
+	var (
+		dir   string
+		hosts []string
+	)
+	cmd := &cobra.Command{
+		Use:   "renew-tls [flags]",
+		Short: "Replace init's self-signed TLS pair with a fresh one (a running broker picks it up)",
+		Long: `Replace the self-signed TLS certificate and key that init wrote in --dir
+with a new pair: a new key, one year from now, for the same names and
+addresses plus every --host. A running broker serves it from its next
+connection on, without a restart. Clients that trust the broker with
+--cacert (cwrun run, the admin verbs) need the new tls.crt.
+
+A certificate that a CA issued is refused: renew it with that CA.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cert, err := config.RenewTLS(dir, hosts)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "renewed %s: valid until %s for %s\n", filepath.Join(dir, config.TLSCertFile),
+				cert.NotAfter.UTC().Format("2006-01-02"), strings.Join(certNames(cert), ", "))
+			fmt.Fprintf(w, "a running broker serves it from its next connection on; give the new %s to the clients that trust it with --cacert\n", config.TLSCertFile)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&dir, "dir", config.DefaultDir(), "the folder init wrote")
+	f.StringArrayVar(&hosts, "host", nil, "extra DNS name or IP address for the certificate (repeatable)")
+	return cmd
+}
+
+// certNames lists a certificate's DNS names and addresses.
+func certNames(c *x509.Certificate) []string {
+	names := slices.Clone(c.DNSNames)
+	for _, ip := range c.IPAddresses {
+		names = append(names, ip.String())
+	}
+	return names
 }

@@ -27,6 +27,7 @@ remote attestation, that it is that workload in a genuine TEE.
 
   cwrun kbs init                     make a config, keys and a TLS pair
   cwrun kbs serve                    run the broker
+  cwrun kbs renew-tls                a new self-signed TLS pair, before init's expires
   cwrun kbs workload add ID ...      register a workload (admin API)
   cwrun kbs --help                   everything else
 

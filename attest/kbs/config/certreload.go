@@ -77,9 +77,9 @@ func (r *certReloader) served(now time.Time) {
 	r.expiry.Set(float64(end.Unix()))
 	switch left := end.Sub(now); {
 	case left <= 0:
-		r.log.Error("the TLS certificate has expired: clients refuse the broker; renew it (it is read again without a restart)", "tls_cert", r.certFile, "not_after", end)
+		r.log.Error("the TLS certificate has expired: clients refuse the broker; renew it (init's own: cwrun kbs renew-tls), the broker reads it again without a restart", "tls_cert", r.certFile, "not_after", end)
 	case left < expiryWarning:
-		r.log.Warn(fmt.Sprintf("the TLS certificate expires in %d days: renew it (it is read again without a restart)", int(left.Hours()/24)), "tls_cert", r.certFile, "not_after", end)
+		r.log.Warn(fmt.Sprintf("the TLS certificate expires in %d days: renew it (init's own: cwrun kbs renew-tls), the broker reads it again without a restart", int(left.Hours()/24)), "tls_cert", r.certFile, "not_after", end)
 	}
 }
 
