@@ -24,7 +24,9 @@ func newKbsServeCmd(g *globalOpts) *cobra.Command {
 		Short: "Run the key broker",
 		Long: `Run the key broker described by --config; flags override the file.
 
-It serves HTTPS only, unless --insecure-http. SIGINT or SIGTERM stops it
+It serves HTTPS only, unless --insecure-http. A renewed certificate
+(--tls-cert/--tls-key rewritten, or cwrun kbs renew-tls) is served from
+the next connection on, without a restart. SIGINT or SIGTERM stops it
 gracefully: it stops accepting, lets requests in flight finish (at most
 10 s) and closes the store. Every write it acknowledges is on disk.`,
 		Args: cobra.NoArgs,
