@@ -35,7 +35,34 @@ machine() {
 		awk '/^BenchmarkMachine/ { printf "bench: machine (%s): %s P-256 signatures/s on all cores\n", "'"$1"'", $3 }'
 }
 machine before
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
 go test -run '^$' -bench 'BenchmarkHandshake' -benchtime "${BENCH_KBS_TIME:-5s}" -count 1 ./attest/kbs/ |
-	grep -E '^Benchmark|^ok|FAIL' | sed 's/^/  /'
+	grep -E '^Benchmark|^ok|FAIL' | tee "$out" | sed 's/^/  /'
 machine after
 echo "bench: load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+# The targets, case by case: throughput from the closed loop, p99 at the
+# target load (and, for reference, the closed loop's p99).
+awk '
+function metric(line, unit,    i, f) {
+	n = split(line, f, /[ \t]+/)
+	for (i = 2; i <= n; i++) if (f[i] == unit) return f[i-1]
+	return ""
+}
+/^BenchmarkHandshake\// { split($1, a, "/"); c = a[2] "/" a[3]; sub(/-[0-9]+$/, "", c)
+	rate[c] = metric($0, "handshakes/s"); cp99[c] = metric($0, "p99_ms") }
+/^BenchmarkHandshakeAtTarget\// { split($1, a, "/"); c = a[2] "/" a[3]; sub(/-[0-9]+$/, "", c)
+	tp99[c] = metric($0, "p99_ms"); done[c] = metric($0, "handshakes/s"); offered[c] = metric($0, "offered/s") }
+END {
+	print "bench: key broker targets (2-core machine: sample >= 3000/s, snp >= 800/s, p99 < 50 ms):"
+	split("sample/sqlite snp/sqlite sample/postgres snp/postgres", cases, " ")
+	for (i = 1; i <= 4; i++) {
+		c = cases[i]; want = (c ~ /^sample/) ? 3000 : 800
+		if (rate[c] == "") continue
+		behind = (done[c] != "" && done[c] + 0 < 0.98 * offered[c]) ? sprintf(", fell behind: %s/s done", done[c]) : ""
+		rmet = (rate[c] + 0 >= want) ? "met" : "NOT met"
+		pmet = (tp99[c] != "" && tp99[c] + 0 < 50 && behind == "") ? "met" : "NOT met"
+		printf "  %-16s %6.0f handshakes/s (%s); p99 %5.1f ms at %.0f/s (%s%s); closed loop p99 %5.1f ms\n", c,
+			rate[c], rmet, tp99[c], offered[c], pmet, behind, cp99[c]
+	}
+}' "$out"
