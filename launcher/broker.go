@@ -88,7 +88,7 @@ type relay struct {
 	// warn receives cwrun's warnings for the user (Options.Warn).
 	warn io.Writer
 
-	// The last "not answering" warning, so that a guest asking again
+	// The last "cannot reach" warning, so that a guest asking again
 	// every second while the broker is down repeats it only when the
 	// reason changes, or every warnEvery.
 	mu       sync.Mutex
@@ -96,7 +96,7 @@ type relay struct {
 	warnedAt time.Time
 }
 
-// warnEvery is how often the same "not answering" warning repeats.
+// warnEvery is how often the same "cannot reach" warning repeats.
 const warnEvery = 15 * time.Second
 
 func newRelay(b Broker, log *slog.Logger, warn io.Writer) (*relay, error) {
@@ -139,7 +139,7 @@ func newRelay(b Broker, log *slog.Logger, warn io.Writer) (*relay, error) {
 	return rl, nil
 }
 
-// warnDown tells the user that the broker is not answering, unless
+// warnDown tells the user that the broker cannot be reached, unless
 // the same reason was told less than warnEvery ago.
 func (rl *relay) warnDown(err error) {
 	msg := err.Error()
@@ -150,7 +150,7 @@ func (rl *relay) warnDown(err error) {
 	}
 	rl.warned, rl.warnedAt = msg, time.Now()
 	rl.mu.Unlock()
-	fmt.Fprintf(rl.warn, "cwrun: warning: the key broker at %s is not answering (%s); the guest asks again until its timeout\n", rl.target.Redacted(), msg)
+	fmt.Fprintf(rl.warn, "cwrun: warning: cannot reach the key broker at %s (%s); the guest asks again until its timeout\n", rl.target.Redacted(), msg)
 }
 
 func (rl *relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {

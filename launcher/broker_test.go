@@ -293,7 +293,7 @@ func TestRelayBrokerDown(t *testing.T) {
 		}
 	}
 	got := warned.String()
-	if n := strings.Count(got, "cwrun: warning:"); n != 1 || !strings.Contains(got, "not answering") || !strings.Contains(got, down) || !strings.Contains(got, "connection refused") {
+	if n := strings.Count(got, "cwrun: warning:"); n != 1 || !strings.Contains(got, "cannot reach the key broker") || !strings.Contains(got, down) || !strings.Contains(got, "connection refused") {
 		t.Errorf("%d warnings; want one naming the broker and the reason:\n%s", n, got)
 	}
 }

@@ -78,7 +78,7 @@ func TestAttestedRun(t *testing.T) {
 		b.kill()
 		b.wait()
 		run := e.start(t, append(append([]string{"run"}, caFlag...), sealedRef)...)
-		warning := "the key broker at " + b.url + " is not answering"
+		warning := "cannot reach the key broker at " + b.url
 		for deadline := time.Now().Add(2 * time.Minute); !strings.Contains(run.stderr.String(), warning); time.Sleep(50 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				t.Fatalf("no warning %q in 2 minutes\nstderr: %s", warning, run.stderr.String())
