@@ -33,7 +33,7 @@ func TestAttestedRun(t *testing.T) {
 	b := startBroker(t, kdir, "--tees", "sample")
 	s := newStore(t)
 	sealedRef := "oci:" + filepath.Join(dir, "sealed") + ":kbs"
-	kbsFlags := []string{"--kbs", b.url, "--kbs-admin-key", filepath.Join(kdir, config.AdminKeyFile), "--kbs-cacert", filepath.Join(kdir, config.TLSCertFile)}
+	kbsFlags := []string{"--kbs", b.url, "--kbs-admin-key", filepath.Join(kdir, config.AdminKeyFile), "--kbs-cacert", filepath.Join(kdir, config.CACertFile)}
 
 	r := s.cwrun(t, append(append([]string{"build", "--tee", "sample", "--cpus", "1", "--memory", "512"}, kbsFlags...), "oci:"+src+":v1", sealedRef)...)
 	if r.code != 0 {
@@ -58,7 +58,7 @@ func TestAttestedRun(t *testing.T) {
 	}
 
 	e := newVMEnv(t, s)
-	caFlag := []string{"--kbs-cacert", filepath.Join(kdir, config.TLSCertFile)}
+	caFlag := []string{"--kbs-cacert", filepath.Join(kdir, config.CACertFile)}
 	t.Run("released", func(t *testing.T) {
 		r := e.run(t, append(append([]string{"run"}, caFlag...), sealedRef)...)
 		if r.code != 3 || !strings.Contains(r.stdout, "hello from the guest") || !strings.Contains(r.stdout, "FOO=bar") {

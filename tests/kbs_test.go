@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -236,18 +237,40 @@ func TestKbsInitRefusesOverwrite(t *testing.T) {
 }
 
 // A running broker takes `cwrun kbs renew-tls`'s new pair without a
-// restart: a client holding the new tls.crt gets in, one holding the
-// old one no longer does.
+// restart, and clients given init's ca.crt or tls.crt keep trusting it;
+// after `renew-tls --new-ca` only those given the new ca.crt do.
 func TestKbsRenewTLS(t *testing.T) {
 	dir := kbsInit(t)
 	b := startBroker(t, dir, "--tees", "sample")
-	old := b.httpClient(t)
+	byCA, byTLS := clientTrusting(t, filepath.Join(dir, config.CACertFile)), b.httpClient(t)
+	before := peerCert(t, byCA, b.url)
 	out := mustRun(t, cwrunBin, "kbs", "renew-tls", "--dir", dir)
-	if !strings.Contains(out, "renewed") || !strings.Contains(out, "--cacert") {
+	if !strings.Contains(out, "renewed") || !strings.Contains(out, "need nothing new") {
 		t.Errorf("renew-tls output:\n%s", out)
 	}
-	fresh := b.httpClient(t) // reads the new tls.crt
+	// The broker looks at the files once a second at most.
 	deadline := time.Now().Add(10 * time.Second)
+	for peerCert(t, byCA, b.url).Equal(before) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the broker still serves the old certificate 10 s after renew-tls\nbroker log:\n%s", b.log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if c := peerCert(t, byTLS, b.url); c.Equal(before) {
+		t.Error("a client given init's tls.crt was served the old certificate")
+	}
+	if !strings.Contains(b.log(), "TLS certificate reloaded") {
+		t.Errorf("the broker did not log the reload:\n%s", b.log())
+	}
+
+	// A new CA: the old trust ends, the new ca.crt's begins.
+	renewed := peerCert(t, byCA, b.url)
+	out = mustRun(t, cwrunBin, "kbs", "renew-tls", "--dir", dir, "--new-ca")
+	if !strings.Contains(out, "NEW CA") {
+		t.Errorf("renew-tls --new-ca output:\n%s", out)
+	}
+	fresh := clientTrusting(t, filepath.Join(dir, config.CACertFile))
+	deadline = time.Now().Add(10 * time.Second)
 	for {
 		resp, err := fresh.Get(b.url + "/healthz")
 		if err == nil {
@@ -255,17 +278,38 @@ func TestKbsRenewTLS(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("a client with the renewed certificate is still refused 10 s on: %v\nbroker log:\n%s", err, b.log())
+			t.Fatalf("a client with the new ca.crt is still refused 10 s on: %v\nbroker log:\n%s", err, b.log())
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	old.Transport.(*http.Transport).CloseIdleConnections()
-	if _, err := old.Get(b.url + "/healthz"); err == nil || !strings.Contains(err.Error(), "certificate") {
-		t.Errorf("a client with the old certificate: %v; want a certificate error", err)
+	byCA.Transport.(*http.Transport).CloseIdleConnections()
+	if _, err := byCA.Get(b.url + "/healthz"); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("a client with the old ca.crt: %v; want a certificate error (was served %v before)", err, renewed.SerialNumber)
 	}
-	if !strings.Contains(b.log(), "TLS certificate reloaded") {
-		t.Errorf("the broker did not log the reload:\n%s", b.log())
+}
+
+// clientTrusting is an HTTPS client that trusts the certificates in
+// file and nothing else.
+func clientTrusting(t *testing.T, file string) *http.Client {
+	t.Helper()
+	pool, err := config.CertPool(file)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+}
+
+// peerCert is the certificate the broker at url serves c on a new
+// connection.
+func peerCert(t *testing.T, c *http.Client, url string) *x509.Certificate {
+	t.Helper()
+	c.Transport.(*http.Transport).CloseIdleConnections()
+	resp, err := c.Get(url + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.TLS.PeerCertificates[0]
 }
 
 func TestKbsAdminVerbs(t *testing.T) {

@@ -26,7 +26,7 @@ func (o *kbsClientOpts) addFlags(cmd *cobra.Command) {
 	pf := cmd.PersistentFlags()
 	pf.StringVar(&o.url, "kbs", os.Getenv("CWRUN_KBS_URL"), "the broker's URL, e.g. https://kbs:8443 (env CWRUN_KBS_URL; default: from the config in "+config.DefaultDir()+")")
 	pf.StringVar(&o.adminKey, "admin-key", os.Getenv("CWRUN_KBS_ADMIN_KEY"), "PEM private key the broker's admin_keys trust (env CWRUN_KBS_ADMIN_KEY; default: "+config.DefaultDir()+"/admin.key)")
-	pf.StringVar(&o.caCert, "cacert", os.Getenv("CWRUN_KBS_CACERT"), "PEM certificate to trust for the broker's TLS (env CWRUN_KBS_CACERT; default: "+config.DefaultDir()+"/tls.crt when it exists)")
+	pf.StringVar(&o.caCert, "cacert", os.Getenv("CWRUN_KBS_CACERT"), "PEM certificate to trust for the broker's TLS (env CWRUN_KBS_CACERT; default: "+config.DefaultDir()+"/ca.crt, or tls.crt, when it exists)")
 }
 
 func (o *kbsClientOpts) client() (*kbs.AdminClient, error) {
@@ -141,9 +141,9 @@ func adminHint(err error) error {
 	var hn x509.HostnameError
 	switch {
 	case errors.As(err, &ua):
-		return fmt.Errorf("%w (pass --cacert with the broker's tls.crt, or set CWRUN_KBS_CACERT)", err)
+		return fmt.Errorf("%w (pass --cacert with the broker's ca.crt, or set CWRUN_KBS_CACERT)", err)
 	case errors.As(err, &hn):
-		return fmt.Errorf("%w (use a name the broker's certificate holds: openssl x509 -in tls.crt -noout -ext subjectAltName)", err)
+		return fmt.Errorf("%w (use a name the broker's certificate holds: openssl x509 -in tls.crt -noout -ext subjectAltName; add one with cwrun kbs renew-tls --host)", err)
 	case errors.Is(err, kbs.ErrUnauthorized):
 		return fmt.Errorf("%w (is --admin-key the private half of a key in the broker's admin_keys?)", err)
 	case errors.Is(err, syscall.ECONNREFUSED):

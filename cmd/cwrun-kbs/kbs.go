@@ -23,7 +23,7 @@ Trustee's KBS protocol 0.4.0 and krun's endpoints.
 
   cwrun kbs init                     make a config, keys and a TLS pair
   cwrun kbs serve                    run the broker
-  cwrun kbs renew-tls                a new self-signed TLS pair, before init's expires
+  cwrun kbs renew-tls                a new TLS certificate from the broker's CA, before init's ends
   cwrun kbs workload add ID ...      register a workload (admin API)`,
 	}
 	cmd.AddCommand(newKbsInitCmd(), newKbsServeCmd(g), newKbsRenewTLSCmd(),
@@ -38,12 +38,15 @@ func newKbsInitCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "init [flags]",
-		Short: "Make a broker config with fresh keys and a self-signed TLS certificate",
+		Short: "Make a broker config with fresh keys, a CA of its own and a TLS certificate",
 		Long: `Make a working key broker configuration in --dir: config.toml, the token
-signing key, the secrets key, an admin key pair and a self-signed TLS pair
-(ECDSA P-256, one year, valid for localhost, 127.0.0.1, ::1, this host's
-name and every --host). The folder is made 0700 and secret files 0600.
-Nothing is overwritten unless --force.`,
+signing key, the secrets key, an admin key pair, a CA of the broker's own
+(ca.crt, ca.key: ECDSA P-256, ten years) and a TLS pair it issued (ECDSA
+P-256, one year, valid for localhost, 127.0.0.1, ::1, this host's name and
+every --host; tls.crt holds the CA's certificate after the broker's).
+Clients trust ca.crt (or tls.crt, which carries it), so that renew-tls can
+issue the next certificate without a new file for them. The folder is made
+0700 and secret files 0600. Nothing is overwritten unless --force.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			files, err := config.Init(dir, o)
@@ -72,46 +75,60 @@ func printInit(w io.Writer, dir, listen string, files []string) {
 	admin := ""
 	if abs, _ := filepath.Abs(dir); abs != config.DefaultDir() {
 		admin = fmt.Sprintf(" --kbs %s --admin-key %s --cacert %s", config.ListenURL(listen, true),
-			filepath.Join(dir, config.AdminKeyFile), filepath.Join(dir, config.TLSCertFile))
+			filepath.Join(dir, config.AdminKeyFile), filepath.Join(dir, config.CACertFile))
 	}
 	fmt.Fprintf(w, "\nnext:\n")
 	fmt.Fprintf(w, "  cwrun kbs serve --config %s\n", filepath.Join(dir, config.FileName))
 	fmt.Fprintf(w, "  cwrun kbs workload add ID%s --tee snp --passphrase-file KEYFILE --ref measurement=HEX\n", admin)
-	fmt.Fprintf(w, "\nkeep admin.key with the administrator; clients trust the broker with --cacert %s\n",
-		filepath.Join(dir, config.TLSCertFile))
+	fmt.Fprintf(w, "\nkeep admin.key with the administrator (and ca.key, which only renew-tls needs, with whoever renews);\n")
+	fmt.Fprintf(w, "clients trust the broker with --cacert %s (cwrun build and run: --kbs-cacert), never in the system's store\n",
+		filepath.Join(dir, config.CACertFile))
 }
 
 func newKbsRenewTLSCmd() *cobra.Command {
 	var (
 		dir   string
 		hosts []string
+		newCA bool
 	)
 	cmd := &cobra.Command{
 		Use:   "renew-tls [flags]",
-		Short: "Replace init's self-signed TLS pair with a fresh one (a running broker picks it up)",
-		Long: `Replace the self-signed TLS certificate and key that init wrote in --dir
-with a new pair: a new key, one year from now, for the same names and
-addresses plus every --host. A running broker serves it from its next
-connection on, without a restart. Clients that trust the broker with
---cacert (cwrun run, the admin verbs) need the new tls.crt.
+		Short: "Issue the broker a new TLS certificate from its CA (a running broker picks it up)",
+		Long: `Issue the broker a new TLS certificate and key in --dir, from the CA that
+init made there (ca.crt, ca.key): a new key, one year from now, for the same
+names and addresses plus every --host. A running broker serves it from its
+next connection on, without a restart, and clients that trust ca.crt (or
+init's tls.crt, which carries it) need nothing new.
 
-A certificate that a CA issued is refused: renew it with that CA.`,
+A new CA is made, and its ca.crt must then be given to the clients once,
+when the certificate signed itself (a folder from before init made a CA),
+when the CA ends within 30 days, or with --new-ca. A certificate another CA
+issued is refused unless --new-ca: renew it with that CA.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cert, err := config.RenewTLS(dir, hosts)
+			r, err := config.RenewTLS(dir, hosts, newCA)
 			if err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
+			caFile := filepath.Join(dir, config.CACertFile)
 			fmt.Fprintf(w, "renewed %s: valid until %s for %s\n", filepath.Join(dir, config.TLSCertFile),
-				cert.NotAfter.UTC().Format("2006-01-02"), strings.Join(certNames(cert), ", "))
-			fmt.Fprintf(w, "a running broker serves it from its next connection on; give the new %s to the clients that trust it with --cacert\n", config.TLSCertFile)
+				r.Cert.NotAfter.UTC().Format("2006-01-02"), strings.Join(certNames(r.Cert), ", "))
+			if r.NewCA {
+				fmt.Fprintf(w, "issued by a NEW CA, %s (valid until %s): give it to the clients, which trust the broker with --cacert %s (cwrun build and run: --kbs-cacert); later renewals need nothing new\n",
+					caFile, r.CA.NotAfter.UTC().Format("2006-01-02"), caFile)
+			} else {
+				fmt.Fprintf(w, "issued by the broker's CA, %s (valid until %s): clients that trust it need nothing new\n",
+					caFile, r.CA.NotAfter.UTC().Format("2006-01-02"))
+			}
+			fmt.Fprintf(w, "a running broker serves it from its next connection on\n")
 			return nil
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&dir, "dir", config.DefaultDir(), "the folder init wrote")
 	f.StringArrayVar(&hosts, "host", nil, "extra DNS name or IP address for the certificate (repeatable)")
+	f.BoolVar(&newCA, "new-ca", false, "make a new CA too (its clients then need the new ca.crt)")
 	return cmd
 }
 

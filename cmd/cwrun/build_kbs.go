@@ -53,7 +53,7 @@ type kbsRegisterOpts struct {
 func (o *kbsRegisterOpts) addFlags(f *pflag.FlagSet) {
 	f.StringVar(&o.url, "kbs", os.Getenv("CWRUN_KBS_URL"), "register the disk key with this key broker (https://HOST:PORT; env CWRUN_KBS_URL) instead of handing it to you")
 	f.StringVar(&o.adminKey, "kbs-admin-key", os.Getenv("CWRUN_KBS_ADMIN_KEY"), "the broker's admin key (env CWRUN_KBS_ADMIN_KEY; default: admin.key in the broker's config folder)")
-	f.StringVar(&o.caCert, "kbs-cacert", os.Getenv("CWRUN_KBS_CACERT"), "CA certificate of the broker's TLS (env CWRUN_KBS_CACERT; default: tls.crt in the broker's config folder when present)")
+	f.StringVar(&o.caCert, "kbs-cacert", os.Getenv("CWRUN_KBS_CACERT"), "CA certificate of the broker's TLS (env CWRUN_KBS_CACERT; default: ca.crt, or tls.crt, in the broker's config folder when present)")
 	f.StringArrayVar(&o.refs, "ref", nil, "a reference value the guest's evidence must match, NAME=VALUE (repeatable; e.g. measurement=<hex> for snp, mr_td=<hex> for tdx)")
 	f.StringArrayVar(&o.ekCAs, "tpm-ek-ca", nil, "with --tee tpm: a root CA certificate (PEM or DER) of the TPMs whose endorsement keys the broker may trust for this workload (repeatable; a vTPM's is the launcher's vTPM CA, see `cwrun run --help`)")
 }

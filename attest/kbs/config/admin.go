@@ -17,7 +17,7 @@ import (
 )
 
 // DefaultDir is where `cwrun kbs init` writes and the admin verbs look
-// for admin.key and tls.crt: /etc/cwrun/kbs for root, else
+// for admin.key and ca.crt: /etc/cwrun/kbs for root, else
 // $XDG_CONFIG_HOME/cwrun/kbs (~/.config/cwrun/kbs).
 func DefaultDir() string {
 	if os.Geteuid() == 0 {
@@ -42,7 +42,8 @@ type ClientOptions struct {
 	// admin_keys trust. Empty: Dir's admin.key.
 	AdminKey string
 	// CACert is a PEM certificate to trust for the broker's TLS. Empty:
-	// Dir's tls.crt when it exists, else the system's roots.
+	// Dir's ca.crt when it exists, else its tls.crt (a broker set up
+	// before init made a CA), else the system's roots.
 	CACert string
 	// Dir is the broker's config folder; default DefaultDir().
 	Dir string
@@ -72,8 +73,8 @@ func NewAdminClient(o ClientOptions) (*kbs.AdminClient, error) {
 		return nil, fmt.Errorf("admin key: %w (pass --admin-key or set CWRUN_KBS_ADMIN_KEY)", err)
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	if o.CACert == "" {
-		if p := filepath.Join(o.Dir, TLSCertFile); fileExists(p) {
+	for _, name := range []string{CACertFile, TLSCertFile} {
+		if p := filepath.Join(o.Dir, name); o.CACert == "" && fileExists(p) {
 			o.CACert = p
 		}
 	}

@@ -2,19 +2,14 @@ package config
 
 import (
 	"bytes"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"io"
 	"log/slog"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -31,7 +26,13 @@ func writePair(t *testing.T, certFile, keyFile string) []byte {
 	return writePairMadeAt(t, certFile, keyFile, time.Now())
 }
 
-// writePairMadeAt writes a pair as Init would have made it at made.
+// selfSigned makes a pair as init did before it made a CA.
+func selfSigned(hosts []string, now time.Time) (certPEM, keyPEM []byte, err error) {
+	certPEM, keyPEM, _, err = serverCert(hosts, now, nil)
+	return certPEM, keyPEM, err
+}
+
+// writePairMadeAt writes a self-signed pair made at made.
 func writePairMadeAt(t *testing.T, certFile, keyFile string, made time.Time) []byte {
 	t.Helper()
 	certPEM, keyPEM, err := selfSigned([]string{"127.0.0.1", "localhost"}, made)
@@ -211,63 +212,4 @@ func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	t.Fatalf("no gauge %s in the registry", name)
 	return 0
-}
-
-func TestRenewTLS(t *testing.T) {
-	dir := initDir(t, InitOptions{Listen: "127.0.0.1:0", Hosts: []string{"kbs.example"}})
-	certFile, keyFile := filepath.Join(dir, TLSCertFile), filepath.Join(dir, TLSKeyFile)
-	before, _ := os.ReadFile(certFile)
-	cert, err := RenewTLS(dir, []string{"192.0.2.9"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	after, _ := os.ReadFile(certFile)
-	if bytes.Equal(before, after) {
-		t.Fatal("the certificate file did not change")
-	}
-	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
-	if err != nil {
-		t.Fatalf("the renewed pair does not load: %v", err)
-	}
-	if !bytes.Equal(pair.Leaf.Raw, cert.Raw) {
-		t.Error("RenewTLS returned another certificate than it wrote")
-	}
-	// The old names stay, the new address joins them.
-	if !slices.Contains(cert.DNSNames, "kbs.example") || !slices.ContainsFunc(cert.IPAddresses, func(ip net.IP) bool { return ip.String() == "192.0.2.9" }) {
-		t.Errorf("names %v, addresses %v: want kbs.example kept and 192.0.2.9 added", cert.DNSNames, cert.IPAddresses)
-	}
-	if left := time.Until(cert.NotAfter); left < CertValidity-time.Hour {
-		t.Errorf("the renewed certificate lasts %v", left)
-	}
-	if fi, _ := os.Stat(keyFile); fi.Mode().Perm() != 0o600 {
-		t.Errorf("tls.key mode %v, want 0600", fi.Mode().Perm())
-	}
-	if left, _ := filepath.Glob(filepath.Join(dir, "*.new")); len(left) > 0 {
-		t.Errorf("left behind: %v", left)
-	}
-
-	// A certificate a CA issued is refused, and nothing is touched.
-	ca := writePair(t, filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key"))
-	caCert, _ := x509.ParseCertificate(ca)
-	caPair, err := tls.LoadX509KeyPair(filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "kbs.example"},
-		NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"kbs.example"}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, pair.Leaf.PublicKey, caPair.PrivateKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	issued := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	os.WriteFile(certFile, issued, 0o644)
-	if _, err := RenewTLS(dir, nil); err == nil || !strings.Contains(err.Error(), "not self-signed") {
-		t.Errorf("a CA-issued certificate: %v", err)
-	}
-	if now, _ := os.ReadFile(certFile); !bytes.Equal(now, issued) {
-		t.Error("a refused renewal changed the certificate")
-	}
-	if _, err := RenewTLS(t.TempDir(), nil); err == nil || !strings.Contains(err.Error(), "kbs init") {
-		t.Errorf("no certificate at all: %v", err)
-	}
 }

@@ -154,8 +154,8 @@ func TestInitNeverOverwrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(files) != 7 {
-		t.Errorf("forced init wrote %d files, want 7", len(files))
+	if len(files) != 9 {
+		t.Errorf("forced init wrote %d files, want 9", len(files))
 	}
 	after, _ = os.ReadFile(filepath.Join(dir, SecretsKeyFile))
 	if string(before) == string(after) {

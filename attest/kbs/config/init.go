@@ -6,13 +6,11 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -30,14 +28,20 @@ const (
 	AdminPubFile   = "admin.pub"
 	TLSCertFile    = "tls.crt"
 	TLSKeyFile     = "tls.key"
+	CACertFile     = "ca.crt"
+	CAKeyFile      = "ca.key"
 )
 
 // DefaultListen is the address Init writes when given none: this
 // machine only, until the operator decides otherwise.
 const DefaultListen = "127.0.0.1:8443"
 
-// CertValidity is how long Init's self-signed certificate lasts.
-const CertValidity = 365 * 24 * time.Hour
+// CertValidity is how long the broker's TLS certificate lasts (init's
+// and renew-tls's); CAValidity, the CA's that issues it.
+const (
+	CertValidity = 365 * 24 * time.Hour
+	CAValidity   = 10 * 365 * 24 * time.Hour
+)
 
 // InitOptions tune Init. The zero value makes a broker for this machine.
 type InitOptions struct {
@@ -54,7 +58,8 @@ type InitOptions struct {
 // Init makes a working broker configuration in dir: config.toml, a
 // token key, a secrets key, an admin key pair (Ed25519; admin.key is the
 // private half the admin CLI uses, admin.pub the one the broker trusts)
-// and a self-signed TLS pair (ECDSA P-256, one year). The folder is made
+// and a TLS pair (ECDSA P-256, one year) issued by a CA of its own
+// (ca.crt, ca.key: ten years; see tlsca.go). The folder is made
 // 0700, secret files 0600, each created exclusively. It returns the
 // paths it wrote.
 func Init(dir string, o InitOptions) ([]string, error) {
@@ -71,7 +76,7 @@ func Init(dir string, o InitOptions) ([]string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("kbs init: %w", err)
 	}
-	names := []string{FileName, TokenKeyFile, SecretsKeyFile, AdminKeyFile, AdminPubFile, TLSCertFile, TLSKeyFile}
+	names := []string{FileName, TokenKeyFile, SecretsKeyFile, AdminKeyFile, AdminPubFile, TLSCertFile, TLSKeyFile, CACertFile, CAKeyFile}
 	var existing []string
 	for _, n := range names {
 		if _, err := os.Lstat(filepath.Join(dir, n)); err == nil {
@@ -141,11 +146,22 @@ func initFiles(listen string, hosts []string) ([]initFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	certPEM, keyPEM, err := selfSigned(hosts, time.Now())
+	now := time.Now()
+	ca, err := newAuthority(hosts[len(hosts)-1], now)
+	if err != nil {
+		return nil, err
+	}
+	caPEM, caKeyPEM, err := ca.files()
+	if err != nil {
+		return nil, err
+	}
+	certPEM, keyPEM, _, err := serverCert(hosts, now, ca)
 	if err != nil {
 		return nil, err
 	}
 	return []initFile{
+		{CAKeyFile, caKeyPEM, 0o600},
+		{CACertFile, caPEM, 0o644},
 		{TokenKeyFile, tokenPEM, 0o600},
 		{SecretsKeyFile, secretHex, 0o600},
 		{AdminKeyFile, adminPEM, 0o600},
@@ -153,7 +169,7 @@ func initFiles(listen string, hosts []string) ([]initFile, error) {
 		{TLSKeyFile, keyPEM, 0o600},
 		{TLSCertFile, certPEM, 0o644},
 		// Last: a config exists only once the files it names do.
-		{FileName, []byte(configText(listen, time.Now())), 0o644},
+		{FileName, []byte(configText(listen, now)), 0o644},
 	}, nil
 }
 
@@ -217,43 +233,6 @@ func certHosts(extra []string) ([]string, error) {
 	return out, nil
 }
 
-// selfSigned makes the broker's TLS certificate: clients trust it
-// directly (cwrun's --cacert, curl's --cacert).
-func selfSigned(hosts []string, now time.Time) (certPEM, keyPEM []byte, err error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "cwrun key broker " + hosts[len(hosts)-1]},
-		NotBefore:             now.Add(-time.Hour), // a little clock skew between machines
-		NotAfter:              now.Add(CertValidity),
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, nil, err
-	}
-	if keyPEM, err = privatePEM(key); err != nil {
-		return nil, nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEM, nil
-}
-
 func printable(s string) bool {
 	for _, r := range s {
 		if r < 0x21 || r > 0x7e || r == '"' || r == '\\' {
@@ -275,7 +254,9 @@ listen = ` + strconv.Quote(listen) + `
 # or "postgres://user:password@host/db" (several brokers sharing state).
 store = "sqlite:kbs.db"
 
-# HTTPS. init made a self-signed pair: clients pass --cacert tls.crt.
+# HTTPS. init made this pair from its own CA: clients trust ca.crt (cwrun's
+# --kbs-cacert, curl's --cacert); ` + "`cwrun kbs renew-tls`" + ` issues the next one
+# from it, and the clients need nothing new. ca.key is needed only for that.
 tls_cert = "` + TLSCertFile + `"
 tls_key = "` + TLSKeyFile + `"
 

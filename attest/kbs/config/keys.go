@@ -181,8 +181,8 @@ func checkTLS(cert, key string) error {
 	return nil
 }
 
-// CertPool reads PEM certificates to trust (a self-signed broker's
-// tls.crt, or the CA that signed it).
+// CertPool reads PEM certificates to trust (the broker's ca.crt, its
+// tls.crt, which carries the CA, or another CA's certificate).
 func CertPool(path string) (*x509.CertPool, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
