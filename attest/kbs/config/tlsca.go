@@ -120,7 +120,7 @@ func readCerts(path string) ([]*x509.Certificate, error) {
 		}
 		c, err := x509.ParseCertificate(blk.Bytes)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			return nil, fmt.Errorf("%s: certificate %d: %w", path, len(certs)+1, err)
 		}
 		certs = append(certs, c)
 	}

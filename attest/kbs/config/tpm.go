@@ -2,10 +2,8 @@ package config
 
 import (
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"os"
 
 	"github.com/cwrun/cwrun/attest"
 	"github.com/cwrun/cwrun/attest/tpm"
@@ -35,30 +33,11 @@ const tpmCredentialLabel = "cwrun-kbs tpm-credential-key v1"
 func readEKCAs(files []string) ([]*x509.Certificate, error) {
 	var out []*x509.Certificate
 	for _, f := range files {
-		b, err := os.ReadFile(f)
+		certs, err := readCerts(f)
 		if err != nil {
 			return nil, err
 		}
-		n := 0
-		for {
-			var blk *pem.Block
-			blk, b = pem.Decode(b)
-			if blk == nil {
-				break
-			}
-			if blk.Type != "CERTIFICATE" {
-				continue
-			}
-			c, err := x509.ParseCertificate(blk.Bytes)
-			if err != nil {
-				return nil, fmt.Errorf("%s: certificate %d: %w", f, n+1, err)
-			}
-			out = append(out, c)
-			n++
-		}
-		if n == 0 {
-			return nil, fmt.Errorf("%s holds no PEM certificate", f)
-		}
+		out = append(out, certs...)
 	}
 	return out, nil
 }
