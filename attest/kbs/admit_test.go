@@ -203,6 +203,45 @@ func TestAdmissionLimitAdapts(t *testing.T) {
 	}
 }
 
+// The floor follows the rate: as many handshakes as completed in
+// admitServiceTime lately, so cuts stop there, and a rate that rose
+// lifts the limit to it.
+func TestAdmissionFloorFollowsRate(t *testing.T) {
+	a := newTestAdmission(4, time.Minute)
+	now := time.Now()
+	// 2,000 released handshakes a second: a floor of 20.
+	for i := range 201 {
+		a.rate.add(now.Add(time.Duration(i) * 500 * time.Microsecond))
+	}
+	if f := a.floorNow(); f < 19.9 || f > 20.1 {
+		t.Fatalf("at 2,000 handshakes/s the floor is %v, want 20", f)
+	}
+	a.sample(now, 10*time.Millisecond) // the fastest: 1 s is late
+	for i := range 50 {
+		a.sample(now.Add(time.Duration(100+20*i)*time.Millisecond), time.Second)
+	}
+	if l, _ := a.state(); l < 19.9 || l > 20.1 {
+		t.Fatalf("late handshakes cut the limit to %v, want the rate's floor of 20", l)
+	}
+	// Through finish, a window closing at a higher rate lifts the limit.
+	b := newTestAdmission(4, time.Minute)
+	start := time.Now()
+	for b.rate.start.IsZero() || time.Since(start) < 2*admitRateWindow {
+		sl := b.admit(time.Now(), "guest")
+		b.mu.Lock()
+		b.finish(sl, true)
+		b.mu.Unlock()
+	}
+	if l, _ := b.state(); l <= 100 {
+		t.Errorf("after a busy window the limit is %v, want it lifted to the rate's floor (%v)", l, b.floorNow())
+	}
+	// A quiet spell brings the floor back to its least.
+	a.rate.add(now.Add(time.Minute))
+	if f := a.floorNow(); f != 4 {
+		t.Errorf("after a quiet minute the floor is %v, want 4", f)
+	}
+}
+
 // Over HTTP: guests beyond the limit wait at /auth, and one that waits
 // too long hears 503 with the reason; the queue shows in /metrics.
 func TestAdmissionBusyAnswer(t *testing.T) {

@@ -70,8 +70,9 @@ import (
 // by the throughput, whatever the broker does; how far p99 lies above
 // it is the broker's doing. Letting every guest in at once put p99 at
 // 1.75× the median; admission (the broker's FIFO queue at /auth, on as
-// in `cwrun kbs serve`) brings it to about 1.4×, for 5-15 % of the
-// throughput (set CWRUN_KBS_BENCH_ADMISSION=off to compare).
+// in `cwrun kbs serve`) brings it to about 1.3-1.4× for SNP, at about
+// the throughput without it (set CWRUN_KBS_BENCH_ADMISSION=off to
+// compare).
 
 const benchClients = 64
 
