@@ -115,7 +115,7 @@ const (
 	// handshakes as complete in this time.
 	admitServiceTime = 10 * time.Millisecond
 	// admitRateWindow is how often the rate is measured.
-	admitRateWindow = 100 * time.Millisecond
+	admitRateWindow   = 100 * time.Millisecond
 	admitMaxQueue     = 4096 // waiting guests; more are answered 503 at once
 	admitMaxLate      = 1 << 16
 	admitTolerance    = 3
