@@ -47,7 +47,7 @@ func kbsInit(t *testing.T) string {
 	dir := filepath.Join(t.TempDir(), "kbs")
 	out := mustRun(t, cwrunBin, "kbs", "init", "--dir", dir)
 	for _, want := range []string{config.FileName, config.TokenKeyFile, config.SecretsKeyFile, config.AdminKeyFile,
-		config.AdminPubFile, config.TLSCertFile, config.TLSKeyFile, "cwrun kbs serve --config", "cwrun kbs workload add"} {
+		config.AdminPubFile, config.TLSCertFile, config.TLSKeyFile, config.CACertFile, config.CAKeyFile, "cwrun kbs serve --config", "cwrun kbs workload add"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("kbs init output lacks %q:\n%s", want, out)
 		}
@@ -285,6 +285,27 @@ func TestKbsRenewTLS(t *testing.T) {
 	byCA.Transport.(*http.Transport).CloseIdleConnections()
 	if _, err := byCA.Get(b.url + "/healthz"); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Errorf("a client with the old ca.crt: %v; want a certificate error (was served %v before)", err, renewed.SerialNumber)
+	}
+}
+
+// `cwrun kbs check` looks a setup over beside its running broker, and
+// fails on what would stop serve.
+func TestKbsCheck(t *testing.T) {
+	dir := kbsInit(t)
+	cfg := filepath.Join(dir, config.FileName)
+	out := mustRun(t, cwrunBin, "kbs", "check", "--config", cfg)
+	if !strings.Contains(out, "issued by the broker's CA") || !strings.Contains(out, "does not exist yet") {
+		t.Errorf("check of a fresh init:\n%s", out)
+	}
+	startBroker(t, dir, "--tees", "sample")
+	out = mustRun(t, cwrunBin, "kbs", "check", "--config", cfg)
+	if !strings.Contains(out, "a broker serves from it now") {
+		t.Errorf("check beside a running broker:\n%s", out)
+	}
+	os.Chmod(filepath.Join(dir, config.SecretsKeyFile), 0o644)
+	r := run(t, time.Minute, cwrunBin, "kbs", "check", "--config", cfg)
+	if r.code != 1 || !strings.Contains(r.stdout, "FAIL  config  secrets_key") || !strings.Contains(r.stderr, "1 problem") {
+		t.Errorf("check with a readable secrets key: exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
 	}
 }
 

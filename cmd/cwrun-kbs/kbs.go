@@ -1,12 +1,11 @@
 package main
 
 import (
-	"crypto/x509"
 	"fmt"
 	"io"
 	"path/filepath"
-	"slices"
 	"strings"
+	"time"
 
 	"github.com/cwrun/cwrun/attest/kbs/config"
 	"github.com/spf13/cobra"
@@ -23,10 +22,11 @@ Trustee's KBS protocol 0.4.0 and krun's endpoints.
 
   cwrun kbs init                     make a config, keys and a TLS pair
   cwrun kbs serve                    run the broker
+  cwrun kbs check                    look a broker's setup over without starting it
   cwrun kbs renew-tls                a new TLS certificate from the broker's CA, before init's ends
   cwrun kbs workload add ID ...      register a workload (admin API)`,
 	}
-	cmd.AddCommand(newKbsInitCmd(), newKbsServeCmd(g), newKbsRenewTLSCmd(),
+	cmd.AddCommand(newKbsInitCmd(), newKbsServeCmd(g), newKbsCheckCmd(), newKbsRenewTLSCmd(),
 		newKbsWorkloadCmd(), newKbsResourceCmd(), newKbsPolicyCmd())
 	return cmd
 }
@@ -113,7 +113,7 @@ issued is refused unless --new-ca: renew it with that CA.`,
 			w := cmd.OutOrStdout()
 			caFile := filepath.Join(dir, config.CACertFile)
 			fmt.Fprintf(w, "renewed %s: valid until %s for %s\n", filepath.Join(dir, config.TLSCertFile),
-				r.Cert.NotAfter.UTC().Format("2006-01-02"), strings.Join(certNames(r.Cert), ", "))
+				r.Cert.NotAfter.UTC().Format("2006-01-02"), strings.Join(config.CertNames(r.Cert), ", "))
 			if r.NewCA {
 				fmt.Fprintf(w, "issued by a NEW CA, %s (valid until %s): give it to the clients, which trust the broker with --cacert %s (cwrun build and run: --kbs-cacert); later renewals need nothing new\n",
 					caFile, r.CA.NotAfter.UTC().Format("2006-01-02"), caFile)
@@ -132,11 +132,37 @@ issued is refused unless --new-ca: renew it with that CA.`,
 	return cmd
 }
 
-// certNames lists a certificate's DNS names and addresses.
-func certNames(c *x509.Certificate) []string {
-	names := slices.Clone(c.DNSNames)
-	for _, ip := range c.IPAddresses {
-		names = append(names, ip.String())
+func newKbsCheckCmd() *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "check [flags]",
+		Short: "Look a broker's setup over without starting it or changing anything",
+		Long: `Look over the broker that --config describes, as serve would start it:
+the config file, the key files it names and their modes, the listen
+address, the TLS certificate (names, end date, issuer), the store (a
+SQLite file looked at, a PostgreSQL database reached and its schema
+version read; neither made nor migrated), the TEEs served and the admin
+keys. Safe to run beside a running broker, say after editing the config
+and before restarting it.
+
+Each line says ok, note, warn or FAIL. The exit status is 1 when a line
+says FAIL: serve would refuse to start, or the broker would not work.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			failed := 0
+			w := cmd.OutOrStdout()
+			for _, f := range config.Check(cmd.Context(), path, time.Now()) {
+				fmt.Fprintf(w, "%-4s  %-6s  %s\n", f.Level, f.Part, f.Text)
+				if f.Level == config.Fail {
+					failed++
+				}
+			}
+			if failed > 0 {
+				return fmt.Errorf("kbs check: %d problem(s) in %s", failed, path)
+			}
+			return nil
+		},
 	}
-	return names
+	cmd.Flags().StringVar(&path, "config", filepath.Join(config.DefaultDir(), config.FileName), "the broker's config file")
+	return cmd
 }

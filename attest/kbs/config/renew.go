@@ -1,7 +1,6 @@
 package config
 
 import (
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -50,7 +49,7 @@ func RenewTLS(dir string, extraHosts []string, newCA bool) (*Renewal, error) {
 	}
 	old := chain[0]
 	now := time.Now()
-	selfSigned := bytes.Equal(old.RawIssuer, old.RawSubject) && old.CheckSignature(old.SignatureAlgorithm, old.RawTBSCertificate, old.Signature) == nil
+	selfSigned := signsItself(old)
 	var ca *authority
 	if !newCA && !selfSigned {
 		// The CA's files are read only when it is to issue: a new one

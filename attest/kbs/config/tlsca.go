@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -14,6 +15,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 )
 
@@ -182,6 +184,21 @@ func serverCert(hosts []string, now time.Time, ca *authority) (chainPEM, keyPEM 
 		chainPEM = append(chainPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw})...)
 	}
 	return chainPEM, keyPEM, leaf, nil
+}
+
+// signsItself says whether c is self-signed: its issuer is its subject
+// and its own key signed it.
+func signsItself(c *x509.Certificate) bool {
+	return bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignature(c.SignatureAlgorithm, c.RawTBSCertificate, c.Signature) == nil
+}
+
+// CertNames lists a certificate's DNS names and addresses.
+func CertNames(c *x509.Certificate) []string {
+	names := slices.Clone(c.DNSNames)
+	for _, ip := range c.IPAddresses {
+		names = append(names, ip.String())
+	}
+	return names
 }
 
 func randomSerial() (*big.Int, error) {

@@ -643,3 +643,26 @@ func blob(b []byte) []byte {
 	}
 	return b
 }
+
+// SchemaOf reads, without changing anything, the schema version of the
+// database at url: 0 when it has none yet (Open makes it). Open
+// migrates an older one to SchemaVersion and refuses a newer one.
+func SchemaOf(ctx context.Context, url string) (int, error) {
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return 0, fmt.Errorf("connect to %s: %w", redact(url), ctxErr(ctx, err))
+	}
+	defer conn.Close(context.Background())
+	// Two statements: a query naming a table that does not exist fails
+	// when it is parsed, whatever branch would run.
+	var exists bool
+	err = conn.QueryRow(ctx, `SELECT to_regclass('schema_version') IS NOT NULL`).Scan(&exists)
+	var v int
+	if err == nil && exists {
+		err = conn.QueryRow(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read the schema version of %s: %w", redact(url), ctxErr(ctx, err))
+	}
+	return v, nil
+}

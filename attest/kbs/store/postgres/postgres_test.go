@@ -266,3 +266,28 @@ func TestUseNonceDuringClose(t *testing.T) {
 		t.Errorf("UseNonce after Close = %v, want a closed-store error", err)
 	}
 }
+
+// SchemaOf reads the version without making or migrating anything, and
+// names an unreachable server without its password.
+func TestSchemaOf(t *testing.T) {
+	url := pgtest.Shared(t)
+	ctx := context.Background()
+	if v, err := SchemaOf(ctx, url); err != nil || v != 0 {
+		t.Fatalf("empty database: version %d, %v; want 0", v, err)
+	}
+	if v, err := SchemaOf(ctx, url); err != nil || v != 0 {
+		t.Fatalf("looking made a schema: version %d, %v", v, err)
+	}
+	s, err := Open(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if v, err := SchemaOf(ctx, url); err != nil || v != SchemaVersion() {
+		t.Errorf("after Open: version %d, %v; want %d", v, err, SchemaVersion())
+	}
+	_, err = SchemaOf(ctx, "postgres://kbs:hunter2@127.0.0.1:1/kbs?connect_timeout=5")
+	if err == nil || strings.Contains(err.Error(), "hunter2") || !strings.Contains(err.Error(), "127.0.0.1") {
+		t.Errorf("unreachable server: %v", err)
+	}
+}

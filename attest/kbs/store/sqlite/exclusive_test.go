@@ -3,6 +3,8 @@ package sqlite
 import (
 	"context"
 	"errors"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -82,5 +84,32 @@ func TestExclusiveLock(t *testing.T) {
 	}
 	if n != 0 {
 		t.Fatalf("%d nonces written to the table by an exclusive store", n)
+	}
+}
+
+// Serving sees a broker's lock without taking it from anyone or making
+// a file.
+func TestServing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kbs.db")
+	if on, err := Serving(path); err != nil || on {
+		t.Fatalf("before any open: serving %v, %v", on, err)
+	}
+	if _, err := os.Stat(path + ".lock"); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Serving made the lock file: %v", err)
+	}
+	s, err := OpenExclusive(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if on, err := Serving(path); err != nil || !on {
+		t.Errorf("while a broker holds it: serving %v, %v", on, err)
+	}
+	// Looking did not take the lock from the broker.
+	if _, err := OpenExclusive(context.Background(), path); err == nil {
+		t.Error("a second exclusive open succeeded after Serving looked")
+	}
+	s.Close()
+	if on, err := Serving(path); err != nil || on {
+		t.Errorf("after the broker closed: serving %v, %v", on, err)
 	}
 }

@@ -51,6 +51,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -831,4 +832,29 @@ func blob(b []byte) []byte {
 		return []byte{}
 	}
 	return b
+}
+
+// Serving reports, without opening the database or making a file,
+// whether a broker serves from path: whether another process holds the
+// lock OpenExclusive takes.
+func Serving(path string) (bool, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return false, err
+	}
+	lock, err := os.OpenFile(abs+".lock", os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("broker lock %s.lock: %w", abs, err)
+	}
+	defer lock.Close() // closing drops a lock taken here
+	switch err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); {
+	case errors.Is(err, syscall.EWOULDBLOCK):
+		return true, nil
+	case err != nil:
+		return false, fmt.Errorf("broker lock %s.lock: %w", abs, err)
+	}
+	return false, nil
 }
