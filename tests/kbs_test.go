@@ -309,6 +309,16 @@ func TestKbsCheck(t *testing.T) {
 	}
 }
 
+// Help names each verb as the user types it.
+func TestKbsHelpNames(t *testing.T) {
+	for _, verb := range [][]string{{"workload", "add"}, {"check"}, {"renew-tls"}} {
+		out := mustRun(t, cwrunBin, append(append([]string{"kbs"}, verb...), "--help")...)
+		if want := "cwrun kbs " + strings.Join(verb, " "); !strings.Contains(out, want) {
+			t.Errorf("help of %v does not say %q:\n%s", verb, want, out)
+		}
+	}
+}
+
 // clientTrusting is an HTTPS client that trusts the certificates in
 // file and nothing else.
 func clientTrusting(t *testing.T, file string) *http.Client {

@@ -15,6 +15,7 @@ import (
 	"syscall"
 
 	"github.com/cwrun/cwrun/version"
+	"github.com/spf13/cobra"
 )
 
 func main() {
@@ -22,6 +23,9 @@ func main() {
 	g := &globalOpts{}
 	root := newKbsCmd(g)
 	root.Use = "cwrun kbs"
+	// Cobra names a command by the first word of Use; help and usage
+	// lines must read "cwrun kbs workload add", as the user types it.
+	root.Annotations = map[string]string{cobra.CommandDisplayNameAnnotation: "cwrun kbs"}
 	root.Version = version.Version
 	root.SilenceUsage, root.SilenceErrors = true, true
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
