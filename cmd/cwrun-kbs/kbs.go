@@ -61,7 +61,7 @@ issue the next certificate without a new file for them. The folder is made
 	f.StringVar(&dir, "dir", config.DefaultDir(), "folder to write the config and keys into")
 	f.StringArrayVar(&o.Hosts, "host", nil, "extra DNS name or IP address for the TLS certificate (repeatable)")
 	f.StringVar(&o.Listen, "listen", config.DefaultListen, "address the broker will listen on (\":8443\" for every address)")
-	f.BoolVar(&o.Force, "force", false, "replace existing files (secrets sealed with the old secrets.key become unreadable)")
+	f.BoolVar(&o.Force, "force", false, "replace existing files (secrets sealed with the old secrets.key become unreadable, and clients need the new ca.crt; to renew only the TLS certificate, use renew-tls)")
 	return cmd
 }
 
