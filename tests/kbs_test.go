@@ -364,7 +364,7 @@ func TestKbsAdminVerbs(t *testing.T) {
 		t.Fatalf("workload add --passphrase-stdin: %s", r.stderr)
 	}
 	// Never an overwrite, and the broker's reason reaches the user.
-	if e := b.failCLI(t, "kbs", "workload", "add", "app1", "--tee", "snp", "--passphrase-file", pass); !strings.Contains(e, "app1") || !strings.Contains(strings.ToLower(e), "exist") {
+	if e := b.failCLI(t, "kbs", "workload", "add", "app1", "--tee", "snp", "--passphrase-file", pass, "--ref", "measurement=cc33"); !strings.Contains(e, "app1") || !strings.Contains(strings.ToLower(e), "exist") {
 		t.Errorf("re-adding app1: %q, want the broker's 'exists' reason", e)
 	}
 	if e := b.failCLI(t, "kbs", "workload", "add", "app3", "--tee", "snp"); !strings.Contains(e, "--passphrase-file") {
@@ -389,6 +389,30 @@ func TestKbsAdminVerbs(t *testing.T) {
 	}
 	if e := b.failCLI(t, "kbs", "workload", "show", "nope"); !strings.Contains(e, "nope") {
 		t.Errorf("show of a missing workload: %q", e)
+	}
+
+	// A replace keeps what it is not given, says so, and never loosens
+	// the workload by leaving something out.
+	allow := filepath.Join(work, "allow.rego")
+	os.WriteFile(allow, []byte("package policy\nimport rego.v1\ndefault allow := true\n"), 0o600)
+	r = b.cli(t, "", "kbs", "workload", "add", "app1", "--replace", "--tee", "snp", "--policy-file", allow)
+	if r.code != 0 || !strings.Contains(r.stderr, "kept workload app1's passphrase, reference values (3), cpus, memory") {
+		t.Errorf("replace with a policy only: exit %d, stderr %q", r.code, r.stderr)
+	}
+	r = b.cli(t, "", "kbs", "workload", "add", "app1", "--replace", "--tee", "snp", "--ref", "measurement=cc33")
+	if r.code != 0 || !strings.Contains(r.stderr, "policy") {
+		t.Errorf("replace with references only: exit %d, stderr %q", r.code, r.stderr)
+	}
+	if show := b.mustCLI(t, "kbs", "workload", "show", "app1"); !strings.Contains(show, "measurement = cc33") || strings.Contains(show, "aa11") || !strings.Contains(show, "default allow := true") {
+		t.Errorf("after replacing the references, the policy kept:\n%s", show)
+	}
+	b.mustCLI(t, "kbs", "workload", "add", "app1", "--replace", "--tee", "snp", "--no-policy")
+	if show := b.mustCLI(t, "kbs", "workload", "show", "app1"); strings.Contains(show, "default allow") || !strings.Contains(show, "measurement = cc33") {
+		t.Errorf("after --no-policy:\n%s", show)
+	}
+	// Dropping the anchor claim is refused, by the broker.
+	if e := b.failCLI(t, "kbs", "workload", "add", "app1", "--replace", "--tee", "snp", "--ref", "policy_debug=false"); !strings.Contains(e, "no guest ever gets its key") {
+		t.Errorf("replace without the measurement: %q", e)
 	}
 
 	// Resources round-trip, from a file and from stdin.

@@ -77,6 +77,13 @@ func checkSpec(spec *WorkloadSpec, create bool) error {
 			return badRequest("workload %s: %v", spec.ID, err)
 		}
 	}
+	if anchors := anchorReference[spec.Tee]; len(anchors) > 0 && spec.Policy == "" &&
+		!slices.ContainsFunc(anchors, func(a string) bool { return len(spec.References[a]) > 0 }) {
+		// Appraisal would deny every guest (check "reference"): say so
+		// now rather than at the first boot.
+		return badRequest("workload %s: a %s workload needs a reference value for %s (the claim that says which guest it is), or a policy of its own; without one no guest ever gets its key",
+			spec.ID, spec.Tee, strings.Join(anchors, " or "))
+	}
 	if spec.CPUs < 0 || spec.CPUs > 4096 {
 		return badRequest("workload %s: cpus %d out of range 0..4096", spec.ID, spec.CPUs)
 	}

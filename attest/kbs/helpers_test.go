@@ -150,6 +150,20 @@ func (b *broker) addWorkload(spec WorkloadSpec) {
 	}
 }
 
+// storeWorkload puts spec in the store directly, past the admin API's
+// checks: a workload that an earlier broker, or another client of a
+// shared store, may have stored, which appraisal must still judge.
+func (b *broker) storeWorkload(spec WorkloadSpec) {
+	b.t.Helper()
+	w, err := b.srv.workloadFromSpec(&spec)
+	if err == nil {
+		err = b.store.AddWorkload(context.Background(), w)
+	}
+	if err != nil {
+		b.t.Fatalf("storing workload %s: %v", spec.ID, err)
+	}
+}
+
 // chosenVerifier is a test-only verifier that believes whatever claims
 // its evidence names, after checking the report data like a real one.
 // It lets appraisal tests choose measurements and policy bits; the real

@@ -112,6 +112,7 @@ func TestAppraisalDenials(t *testing.T) {
 		att      attest.Attester
 		path     string // default: the workload's passphrase
 		brokerPo string // broker-wide resource policy
+		stored   bool   // put in the store directly (the admin API refuses spec)
 		status   int
 		msg      string
 		check    string
@@ -139,6 +140,7 @@ func TestAppraisalDenials(t *testing.T) {
 			name:   "no anchor reference",
 			spec:   WorkloadSpec{ID: "w", Tee: "snp", Passphrase: passphrase, References: map[string][]string{"host_data": {hexOf('0', 64)}}},
 			att:    chosenAttester{"snp", snpClaims(good, "false")},
+			stored: true,
 			status: http.StatusForbidden, msg: "workload w registers no measurement reference value", check: "reference",
 		},
 		{
@@ -204,7 +206,11 @@ allow if {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newBroker(t)
 			ctx := context.Background()
-			b.addWorkload(tc.spec)
+			if tc.stored {
+				b.storeWorkload(tc.spec)
+			} else {
+				b.addWorkload(tc.spec)
+			}
 			if err := b.admin.SetResource(ctx, "repo/key/one", []byte("generic secret")); err != nil {
 				t.Fatal(err)
 			}
@@ -584,8 +590,30 @@ func TestAdminAPI(t *testing.T) {
 	if string(w2.SealedPassphrase) != string(w.SealedPassphrase) {
 		t.Fatal("replace without passphrase changed the sealed passphrase")
 	}
-	if _, err := a.ReplaceWorkload(ctx, WorkloadSpec{ID: "absent", Tee: "snp"}); !errors.Is(err, ErrNotFound) {
+	if _, err := a.ReplaceWorkload(ctx, WorkloadSpec{ID: "absent", Tee: "snp", References: map[string][]string{"measurement": {hexOf('c', 96)}}}); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("replace absent: %v", err)
+	}
+	// A workload no guest could ever be given the key of is refused at
+	// once, on add and on replace: no anchor claim and no policy.
+	for _, spec := range []WorkloadSpec{
+		{ID: "db-2", Tee: "snp", Passphrase: "p", References: map[string][]string{"host_data": {hexOf('0', 64)}}},
+		{ID: "db-2", Tee: "tdx", Passphrase: "p"},
+		{ID: "db-2", Tee: "tpm", Passphrase: "p", References: map[string][]string{"pcr7": {hexOf('0', 64)}}},
+	} {
+		_, err := a.AddWorkload(ctx, spec)
+		if err == nil || !strings.Contains(err.Error(), "no guest ever gets its key") {
+			t.Errorf("add %s workload without its anchor: %v", spec.Tee, err)
+		}
+	}
+	if _, err := a.ReplaceWorkload(ctx, WorkloadSpec{ID: "db-1", Tee: "snp"}); err == nil || !strings.Contains(err.Error(), "reference value for measurement") {
+		t.Errorf("replace dropping the measurement: %v", err)
+	}
+	// A policy of its own stands in for the anchor.
+	if _, err := a.AddWorkload(ctx, WorkloadSpec{ID: "db-2", Tee: "snp", Passphrase: "p", Policy: "package policy\n\ndefault allow := false\n"}); err != nil {
+		t.Errorf("add snp workload with a policy and no references: %v", err)
+	}
+	if err := a.DeleteWorkload(ctx, "db-2"); err != nil {
+		t.Fatal(err)
 	}
 	list, err := a.Workloads(ctx)
 	if err != nil || len(list) != 1 || list[0].ID != "db-1" {

@@ -32,7 +32,7 @@ func TestTPMCredentialActivationEndToEnd(t *testing.T) {
 	sum := sha256.Sum256(ca.Cert.Raw)
 	anchor := hex.EncodeToString(sum[:])
 	b.addWorkload(WorkloadSpec{ID: "vtpm", Tee: attest.TeeTPM, Passphrase: passphrase, References: map[string][]string{"ek_ca": {anchor}}})
-	b.addWorkload(WorkloadSpec{ID: "noanchor", Tee: attest.TeeTPM, Passphrase: passphrase, References: map[string][]string{"pcr0": {strings.Repeat("0", 64)}}})
+	b.storeWorkload(WorkloadSpec{ID: "noanchor", Tee: attest.TeeTPM, Passphrase: passphrase, References: map[string][]string{"pcr0": {strings.Repeat("0", 64)}}})
 	b.addWorkload(WorkloadSpec{ID: "otherca", Tee: attest.TeeTPM, Passphrase: passphrase, References: map[string][]string{"ek_ca": {strings.Repeat("ab", 32)}}})
 
 	att, err := tpm.NewAttester(tpm.AttesterOptions{Conn: conn, EventLog: "-"})

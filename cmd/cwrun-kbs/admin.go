@@ -45,10 +45,10 @@ func newKbsWorkloadCmd() *cobra.Command {
 }
 
 type workloadAddOpts struct {
-	passFile, policyFile string
-	passStdin, replace   bool
-	refs                 []string
-	spec                 kbs.WorkloadSpec
+	passFile, policyFile         string
+	passStdin, replace, noPolicy bool
+	refs                         []string
+	spec                         kbs.WorkloadSpec
 }
 
 func newKbsWorkloadAddCmd(co *kbsClientOpts) *cobra.Command {
@@ -60,7 +60,11 @@ func newKbsWorkloadAddCmd(co *kbsClientOpts) *cobra.Command {
 guest of TEE --tee whose verified evidence matches every --ref: for each
 claim name, one of the values given for it (repeat --ref name=value to
 accept several). An existing workload is never overwritten, unless
---replace (which keeps the stored passphrase when none is given).
+--replace. What --replace is not given it keeps from the stored
+workload: the passphrase, the reference values (when no --ref), the
+policy (when no --policy-file; --no-policy drops it), cpus and memory;
+it says what it kept. So a replace never loosens a workload by leaving
+something out.
 
 The passphrase never comes from argv: use --passphrase-file or
 --passphrase-stdin.`,
@@ -75,7 +79,8 @@ The passphrase never comes from argv: use --passphrase-file or
 	f.StringVar(&o.policyFile, "policy-file", "", "Rego policy for this workload (data.policy.allow)")
 	f.IntVar(&o.spec.CPUs, "cpus", 0, "the workload VM's vCPUs (recorded for reference)")
 	f.IntVar(&o.spec.MemoryMiB, "memory", 0, "the workload VM's RAM in MiB (recorded for reference)")
-	f.BoolVar(&o.replace, "replace", false, "replace an existing workload instead of refusing")
+	f.BoolVar(&o.replace, "replace", false, "replace an existing workload instead of refusing (what is not given is kept)")
+	f.BoolVar(&o.noPolicy, "no-policy", false, "with --replace: drop the workload's stored policy")
 	cmd.MarkFlagRequired("tee")
 	return cmd
 }
@@ -114,6 +119,9 @@ func runWorkloadAdd(cmd *cobra.Command, co *kbsClientOpts, o *workloadAddOpts, i
 	if spec.Tee == "sample" {
 		fmt.Fprintf(cmd.ErrOrStderr(), "cwrun: WARNING: workload %s is --tee sample: any host that asks gets its passphrase. For development only.\n", id)
 	}
+	if o.noPolicy && (!o.replace || o.policyFile != "") {
+		return errors.New("--no-policy goes with --replace, and not with --policy-file")
+	}
 	c, err := co.client()
 	if err != nil {
 		return err
@@ -121,6 +129,14 @@ func runWorkloadAdd(cmd *cobra.Command, co *kbsClientOpts, o *workloadAddOpts, i
 	verb := "registered"
 	if o.replace {
 		verb = "replaced"
+		var old kbs.WorkloadInfo
+		if old, err = c.Workload(cmd.Context(), id); err != nil {
+			return fmt.Errorf("workload %s: %w", id, adminHint(err))
+		}
+		kept := keepUnset(cmd, &spec, old, o)
+		if len(kept) > 0 {
+			fmt.Fprintf(cmd.ErrOrStderr(), "cwrun: kept workload %s's %s\n", id, strings.Join(kept, ", "))
+		}
 		_, err = c.ReplaceWorkload(cmd.Context(), spec)
 	} else {
 		_, err = c.AddWorkload(cmd.Context(), spec)
@@ -133,6 +149,33 @@ func runWorkloadAdd(cmd *cobra.Command, co *kbsClientOpts, o *workloadAddOpts, i
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "%s workload %s (tee %s, %d reference values)\n", verb, id, spec.Tee, countRefs(spec.References))
 	return nil
+}
+
+// keepUnset fills what the user did not give for a replace from the
+// stored workload old, and names what it kept. The passphrase is kept
+// by the broker itself when none is sent.
+func keepUnset(cmd *cobra.Command, spec *kbs.WorkloadSpec, old kbs.WorkloadInfo, o *workloadAddOpts) []string {
+	var kept []string
+	if spec.Passphrase == "" {
+		kept = append(kept, "passphrase")
+	}
+	if len(spec.References) == 0 && len(old.References) > 0 {
+		spec.References = old.References
+		kept = append(kept, fmt.Sprintf("reference values (%d)", countRefs(old.References)))
+	}
+	if o.policyFile == "" && !o.noPolicy && old.Policy != "" {
+		spec.Policy = old.Policy
+		kept = append(kept, "policy")
+	}
+	if f := cmd.Flags(); !f.Changed("cpus") && old.CPUs != 0 {
+		spec.CPUs = old.CPUs
+		kept = append(kept, "cpus")
+	}
+	if f := cmd.Flags(); !f.Changed("memory") && old.MemoryMiB != 0 {
+		spec.MemoryMiB = old.MemoryMiB
+		kept = append(kept, "memory")
+	}
+	return kept
 }
 
 // adminHint adds what to do to the failures an admin meets most.

@@ -72,10 +72,10 @@ func TestServeAdminRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if _, err := ac.AddWorkload(ctx, kbs.WorkloadSpec{ID: "w", Tee: "snp", Passphrase: "p"}); err != nil {
+	if _, err := ac.AddWorkload(ctx, kbs.WorkloadSpec{ID: "w", Tee: "snp", Passphrase: "p", References: map[string][]string{"measurement": {strings.Repeat("a", 96)}}}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ac.AddWorkload(ctx, kbs.WorkloadSpec{ID: "w", Tee: "snp", Passphrase: "p"}); !errors.Is(err, kbs.ErrExists) {
+	if _, err := ac.AddWorkload(ctx, kbs.WorkloadSpec{ID: "w", Tee: "snp", Passphrase: "p", References: map[string][]string{"measurement": {strings.Repeat("a", 96)}}}); !errors.Is(err, kbs.ErrExists) {
 		t.Fatalf("second add: %v, want ErrExists", err)
 	}
 	// Without the certificate, TLS fails: the broker is not trusted by default.
