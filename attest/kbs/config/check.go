@@ -47,7 +47,7 @@ const certWarnBefore = 30 * 24 * time.Hour
 // as `cwrun kbs serve` would start it, without starting it and without
 // changing anything: the file and the key files it names (their modes
 // included), the listen address, the TLS certificate (names, end,
-// issuer), the store (reached and its schema read, never made or
+// issuer) and the CA key's mode, the store (reached and its schema read, never made or
 // migrated), the TEEs served and the admin keys. It is safe to run
 // beside a running broker.
 func Check(ctx context.Context, path string, now time.Time) []Finding {
@@ -132,6 +132,13 @@ func (c *Config) checkTLS(add addFunc, now time.Time) {
 		add(Warn, "tls", "%s ends on %s, in %d days: renew it (init's: cwrun kbs renew-tls)", c.TLSCert, day(leaf.NotAfter), int(left.Hours()/24))
 	default:
 		add(OK, "tls", "%s for %s, until %s", c.TLSCert, strings.Join(names, ", "), day(leaf.NotAfter))
+	}
+	// The CA's key is renew-tls's alone, but whoever reads it can make
+	// certificates that every client of the broker trusts.
+	if caKey := filepath.Join(c.Dir, CAKeyFile); fileExists(caKey) {
+		if err := checkPrivate(caKey); err != nil {
+			add(Fail, "tls", "%v", err)
+		}
 	}
 	caFile := filepath.Join(c.Dir, CACertFile)
 	cas, caErr := readCerts(caFile)

@@ -107,9 +107,10 @@ func TestCheck(t *testing.T) {
 	// folder from before init made a CA) is a note.
 	writePair(t, filepath.Join(dir, TLSCertFile), filepath.Join(dir, TLSKeyFile))
 	os.Chmod(filepath.Join(dir, TokenKeyFile), 0o644)
+	os.Chmod(filepath.Join(dir, CAKeyFile), 0o640)
 	fs = Check(context.Background(), cfg, now)
-	if !found(fs, Fail, "config", "token_key") || !found(fs, Note, "tls", "signs itself") {
-		t.Errorf("a readable token key and a self-signed certificate: %v", fs)
+	if !found(fs, Fail, "config", "token_key") || !found(fs, Note, "tls", "signs itself") || !found(fs, Fail, "tls", "ca.key has mode 0640") {
+		t.Errorf("readable token and CA keys and a self-signed certificate: %v", fs)
 	}
 	if fs := Check(context.Background(), filepath.Join(dir, "nope.toml"), now); !found(fs, Fail, "config", "nope.toml") {
 		t.Errorf("a missing config: %v", fs)
