@@ -410,6 +410,10 @@ func TestKbsAdminVerbs(t *testing.T) {
 	if show := b.mustCLI(t, "kbs", "workload", "show", "app1"); strings.Contains(show, "default allow") || !strings.Contains(show, "measurement = cc33") {
 		t.Errorf("after --no-policy:\n%s", show)
 	}
+	// Another TEE keeps none of the old claims: its anchor must be given.
+	if e := b.failCLI(t, "kbs", "workload", "add", "app1", "--replace", "--tee", "tdx"); !strings.Contains(e, "reference value for mr_td") {
+		t.Errorf("replace with another TEE and no references: %q", e)
+	}
 	// Dropping the anchor claim is refused, by the broker.
 	if e := b.failCLI(t, "kbs", "workload", "add", "app1", "--replace", "--tee", "snp", "--ref", "policy_debug=false"); !strings.Contains(e, "no guest ever gets its key") {
 		t.Errorf("replace without the measurement: %q", e)

@@ -63,7 +63,8 @@ accept several). An existing workload is never overwritten, unless
 --replace. What --replace is not given it keeps from the stored
 workload: the passphrase, the reference values (when no --ref), the
 policy (when no --policy-file; --no-policy drops it), cpus and memory;
-it says what it kept. So a replace never loosens a workload by leaving
+it says what it kept. References and policy never carry over to another
+--tee. So a replace never loosens a workload by leaving
 something out.
 
 The passphrase never comes from argv: use --passphrase-file or
@@ -153,11 +154,16 @@ func runWorkloadAdd(cmd *cobra.Command, co *kbsClientOpts, o *workloadAddOpts, i
 
 // keepUnset fills what the user did not give for a replace from the
 // stored workload old, and names what it kept. The passphrase is kept
-// by the broker itself when none is sent.
+// by the broker itself when none is sent; reference values and policy
+// only while the TEE stays the same.
 func keepUnset(cmd *cobra.Command, spec *kbs.WorkloadSpec, old kbs.WorkloadInfo, o *workloadAddOpts) []string {
 	var kept []string
 	if spec.Passphrase == "" {
 		kept = append(kept, "passphrase")
+	}
+	if spec.Tee != old.Tee {
+		// Claims and policies are the TEE's: none carries over.
+		return kept
 	}
 	if len(spec.References) == 0 && len(old.References) > 0 {
 		spec.References = old.References
