@@ -65,7 +65,7 @@ it), or 125 when cwrun itself failed. SIGINT or SIGTERM sends SIGTERM to the wor
 	f.SetInterspersed(false) // flags after IMAGE belong to COMMAND
 	f.StringVar(&o.passFile, "passphrase-file", "", "read the disk passphrase from this file (development mode: no key broker, the host knows the key)")
 	f.StringVar(&o.kbs, "kbs", "", "the key broker's URL (default: the one the image was sealed with)")
-	f.StringVar(&o.kbsCA, "kbs-cacert", "", "trust only the CA certificates in this PEM file for the key broker (default: the system's roots)")
+	f.StringVar(&o.kbsCA, "kbs-cacert", os.Getenv("CWRUN_KBS_CACERT"), "trust only the CA certificates in this PEM file for the key broker, e.g. its ca.crt (env CWRUN_KBS_CACERT, as for cwrun build and podman; default: the system's roots)")
 	f.IntVar(&o.opts.CPUs, "cpus", 0, "vCPUs (default: the sealed config's)")
 	f.IntVar(&o.opts.MemoryMiB, "memory", 0, "RAM in MiB (default: the sealed config's)")
 	f.StringVar(&o.accel, "accel", "auto", "how the VM runs guest code: auto (KVM when usable, else TCG), kvm or tcg")

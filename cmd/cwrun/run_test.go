@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/cwrun/cwrun/launcher/vm"
+	"github.com/spf13/cobra"
 )
 
 func TestParsePublish(t *testing.T) {
@@ -35,6 +36,17 @@ func TestParseVolume(t *testing.T) {
 	for _, bad := range []string{"/data", ":/mnt", "/data:", "/d:/m:rx", "/a:/b:ro:x"} {
 		if _, err := parseVolume(bad); err == nil {
 			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+// CWRUN_KBS_CACERT names the broker's CA for run as for build and the
+// OCI runtime: set once, it serves every command.
+func TestRunKBSCACertFromEnv(t *testing.T) {
+	t.Setenv("CWRUN_KBS_CACERT", "/etc/cwrun/kbs/ca.crt")
+	for name, cmd := range map[string]*cobra.Command{"run": newRunCmd(&globalOpts{}), "build": newBuildCmd(&globalOpts{})} {
+		if got := cmd.Flags().Lookup("kbs-cacert").Value.String(); got != "/etc/cwrun/kbs/ca.crt" {
+			t.Errorf("%s --kbs-cacert defaults to %q with CWRUN_KBS_CACERT set", name, got)
 		}
 	}
 }
