@@ -39,10 +39,6 @@ type Finding struct {
 	Text  string
 }
 
-// certWarnBefore is how long before a certificate ends Check warns, as
-// the running broker's log does.
-const certWarnBefore = 30 * 24 * time.Hour
-
 // Check looks over the broker that the config file at path describes,
 // as `cwrun kbs serve` would start it, without starting it and without
 // changing anything: the file and the key files it names (their modes
@@ -128,7 +124,7 @@ func (c *Config) checkTLS(add addFunc, now time.Time) {
 	switch left := leaf.NotAfter.Sub(now); {
 	case left <= 0:
 		add(Fail, "tls", "%s ended on %s: clients refuse the broker; renew it (init's: cwrun kbs renew-tls)", c.TLSCert, day(leaf.NotAfter))
-	case left < certWarnBefore:
+	case left < expiryWarning:
 		add(Warn, "tls", "%s ends on %s, in %d days: renew it (init's: cwrun kbs renew-tls)", c.TLSCert, day(leaf.NotAfter), int(left.Hours()/24))
 	default:
 		add(OK, "tls", "%s for %s, until %s", c.TLSCert, strings.Join(names, ", "), day(leaf.NotAfter))
@@ -146,7 +142,7 @@ func (c *Config) checkTLS(add addFunc, now time.Time) {
 	case signsItself(leaf):
 		add(Note, "tls", "the certificate signs itself: cwrun kbs renew-tls moves the broker to a CA of its own, whose %s the clients then need once, and never again for renewals", CACertFile)
 	case caErr == nil && leaf.CheckSignatureFrom(cas[0]) == nil:
-		if left := cas[0].NotAfter.Sub(now); left < certWarnBefore {
+		if left := cas[0].NotAfter.Sub(now); left < expiryWarning {
 			add(Warn, "tls", "issued by the broker's CA, %s, which ends on %s: cwrun kbs renew-tls --new-ca makes a new one (clients then need it)", caFile, day(cas[0].NotAfter))
 		} else {
 			add(OK, "tls", "issued by the broker's CA, %s (until %s): clients trust that file", caFile, day(cas[0].NotAfter))

@@ -3,7 +3,9 @@ package config
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -55,7 +57,7 @@ func RenewTLS(dir string, extraHosts []string, newCA bool) (*Renewal, error) {
 		// The CA's files are read only when it is to issue: a new one
 		// replaces them whatever they hold.
 		ca, err = loadAuthority(dir)
-		if err != nil && !isNotExist(err) {
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("renew TLS: %w (pass --new-ca to replace the CA)", err)
 		}
 	}
