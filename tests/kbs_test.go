@@ -311,7 +311,7 @@ func TestKbsCheck(t *testing.T) {
 
 // Help names each verb as the user types it.
 func TestKbsHelpNames(t *testing.T) {
-	for _, verb := range [][]string{{"workload", "add"}, {"check"}, {"renew-tls"}} {
+	for _, verb := range [][]string{{"workload", "add"}, {"check"}, {"renew-tls"}, {"rotate-secrets"}, {"reseal"}} {
 		out := mustRun(t, cwrunBin, append(append([]string{"kbs"}, verb...), "--help")...)
 		if want := "cwrun kbs " + strings.Join(verb, " "); !strings.Contains(out, want) {
 			t.Errorf("help of %v does not say %q:\n%s", verb, want, out)
@@ -745,4 +745,82 @@ func TestKbsFuzzCorpusNo5xx(t *testing.T) {
 	}
 	resp.Body.Close()
 	t.Logf("%d requests from %d corpus groups", sent, len(inputs))
+}
+
+// A secrets key rotation as an operator runs it: rotate, restart,
+// reseal, drop the old key, restart; every passphrase and resource is
+// released throughout, and dropping is refused while the broker still
+// seals under the old key.
+func TestKbsRotateSecrets(t *testing.T) {
+	dir := kbsInit(t)
+	cfg := filepath.Join(dir, config.FileName)
+	keyFile := filepath.Join(dir, config.SecretsKeyFile)
+	ctx := context.Background()
+	b := startBroker(t, dir, "--tees", "sample")
+	ad := b.admin(t)
+	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "one", Tee: attest.TeeSample, Passphrase: "disk-key-1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ad.SetResource(ctx, "app/cfg/db", []byte("resource-1")); err != nil {
+		t.Fatal(err)
+	}
+	released := func(b *broker, id, want string) {
+		t.Helper()
+		c := &attest.Client{BaseURL: b.url, HTTP: b.httpClient(t), Attester: sample.NewAttester()}
+		got, err := c.Resource(ctx, kbs.PassphrasePath(id))
+		if err != nil || string(got) != want {
+			t.Fatalf("release of %s: %q, %v; want %q\nbroker log:\n%s", id, got, err, want, b.log())
+		}
+	}
+
+	out := mustRun(t, cwrunBin, "kbs", "rotate-secrets", "--config", cfg)
+	if !strings.Contains(out, "1 earlier key(s) kept") || !strings.Contains(out, "cwrun kbs reseal") {
+		t.Errorf("rotate-secrets output:\n%s", out)
+	}
+	rotatedFile, _ := os.ReadFile(keyFile)
+	// The broker still runs on the old key: dropping it now would lose
+	// every record, and is refused.
+	msg := b.failCLI(t, "kbs", "rotate-secrets", "--config", cfg, "--drop-previous")
+	if !strings.Contains(msg, "seals under key id") || !strings.Contains(msg, "nothing dropped") {
+		t.Errorf("--drop-previous before the restart: %s", msg)
+	}
+	if now, _ := os.ReadFile(keyFile); !bytes.Equal(now, rotatedFile) {
+		t.Fatal("a refused --drop-previous changed the secrets key file")
+	}
+
+	b.kill()
+	b.wait()
+	b = startBroker(t, dir, "--tees", "sample")
+	released(b, "one", "disk-key-1") // sealed under the old key
+	if _, err := b.admin(t).AddWorkload(ctx, kbs.WorkloadSpec{ID: "two", Tee: attest.TeeSample, Passphrase: "disk-key-2"}); err != nil {
+		t.Fatal(err)
+	}
+	if out := mustRun(t, cwrunBin, "kbs", "check", "--config", cfg); !strings.Contains(out, "1 earlier key(s)") {
+		t.Errorf("check during the rotation:\n%s", out)
+	}
+	out = b.mustCLI(t, "kbs", "reseal")
+	if !strings.Contains(out, "re-sealed 2 record(s)") || !strings.Contains(out, "1 already were") {
+		t.Errorf("reseal output:\n%s", out)
+	}
+	out = b.mustCLI(t, "kbs", "rotate-secrets", "--config", cfg, "--drop-previous")
+	if !strings.Contains(out, "every stored record (3)") {
+		t.Errorf("--drop-previous output:\n%s", out)
+	}
+	if sf, err := config.ReadSecretsFile(cfg); err != nil || sf.Previous != 0 {
+		t.Fatalf("after --drop-previous: %+v, %v", sf, err)
+	}
+
+	b.kill()
+	b.wait()
+	b = startBroker(t, dir, "--tees", "sample")
+	released(b, "one", "disk-key-1")
+	released(b, "two", "disk-key-2")
+	if got, err := b.admin(t).Resource(ctx, "app/cfg/db"); err != nil || string(got) != "resource-1" {
+		t.Errorf("the resource after the rotation: %q, %v", got, err)
+	}
+	for _, s := range []string{"disk-key-1", "disk-key-2", "resource-1"} {
+		if strings.Contains(b.log(), s) {
+			t.Errorf("the broker log carries the secret %q", s)
+		}
+	}
 }

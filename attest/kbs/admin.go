@@ -245,7 +245,11 @@ func (s *Server) handleWorkload(w http.ResponseWriter, r *http.Request, p []stri
 	}
 	nw.Created = old.Created
 	if spec.Passphrase == "" {
-		nw.SealedPassphrase = old.SealedPassphrase
+		// Kept, but under the current key: a replace racing a reseal
+		// must not bring back a blob that only an earlier key opens.
+		if nw.SealedPassphrase, err = s.currentSeal(passphraseAAD(id), old.SealedPassphrase); err != nil {
+			return err
+		}
 	}
 	err = s.store.UpdateWorkload(ctx, nw)
 	s.forgetWorkloads()

@@ -36,12 +36,18 @@ import (
 
 // Options make a broker. Zero values mean the default named.
 type Options struct {
-	Store     store.Store        // required
-	Verifiers []attest.Verifier  // one per TEE served; a TEE without one is refused at /auth
-	TokenKey  *ecdsa.PrivateKey  // P-256, signs attestation tokens (ES256); required
-	CookieKey []byte             // 32 bytes, seals session cookies (AES-256-GCM); required
-	AtRestKey []byte             // 32 bytes, seals passphrases and resources in the store; required
-	AdminKeys []crypto.PublicKey // Ed25519 or ECDSA P-256 keys whose JWTs the admin API accepts; none: admin API refused
+	Store     store.Store       // required
+	Verifiers []attest.Verifier // one per TEE served; a TEE without one is refused at /auth
+	TokenKey  *ecdsa.PrivateKey // P-256, signs attestation tokens (ES256); required
+	CookieKey []byte            // 32 bytes, seals session cookies (AES-256-GCM); required
+	AtRestKey []byte            // 32 bytes, seals passphrases and resources in the store; required
+	// PreviousCookieKeys and PreviousAtRestKeys are the keys of a
+	// rotation in progress (32 bytes each): they still open the cookies
+	// and records they sealed, but nothing new is sealed under them, and
+	// Reseal moves every record onto AtRestKey.
+	PreviousCookieKeys [][]byte
+	PreviousAtRestKeys [][]byte
+	AdminKeys          []crypto.PublicKey // Ed25519 or ECDSA P-256 keys whose JWTs the admin API accepts; none: admin API refused
 	// AllowRegister enables krun's unauthenticated /kbs/v0/register_workload
 	// (never overwriting an existing workload). Default off.
 	AllowRegister bool
@@ -79,6 +85,7 @@ const DefaultGCPercent = 400
 //	GET    /kbs/v0/admin/resource/{repo}/{type}/{tag} → raw bytes
 //	POST   /kbs/v0/resource-policy            {"policy":"<base64url Rego>"} → 200 (Trustee's shape)
 //	GET    /kbs/v0/resource-policy            → {"policy":"<base64url Rego>"}
+//	POST   /kbs/v0/admin/reseal               → ResealReport (every secret onto the current at-rest key)
 //
 // Errors are JSON {"error": "<what failed and why>"} with a 4xx/5xx code.
 

@@ -166,6 +166,14 @@ func clientResourcePath(path string) (string, error) {
 	return strings.Join(segs, "/"), nil
 }
 
+// Reseal has the broker re-seal every stored passphrase and resource
+// under its current at-rest key (after a secrets key rotation).
+func (c *AdminClient) Reseal(ctx context.Context) (ResealReport, error) {
+	var rep ResealReport
+	err := c.doJSON(ctx, http.MethodPost, "/kbs/v0/admin/reseal", nil, &rep)
+	return rep, err
+}
+
 func (c *AdminClient) doJSON(ctx context.Context, method, path string, in, out any) error {
 	var body []byte
 	ct := ""

@@ -51,6 +51,9 @@ type Server struct {
 	token      *tokenSigner
 	cookie     cipher.AEAD
 	atRest     cipher.AEAD
+	cookieOld  []cipher.AEAD // a rotation's earlier keys: they open, never seal
+	atRestOld  []cipher.AEAD
+	atRestID   string // AtRestKeyID of the current key
 	admin      *adminVerifier
 	register   bool
 	sessionTTL time.Duration
@@ -96,6 +99,14 @@ func New(opts Options) (*Server, error) {
 		// too, but distinct keys are what an operator should have.
 		return nil, errors.New("kbs: CookieKey and AtRestKey must differ")
 	}
+	cookieOld, err := newAEADs("PreviousCookieKeys", opts.PreviousCookieKeys)
+	if err != nil {
+		return nil, err
+	}
+	atRestOld, err := newAEADs("PreviousAtRestKeys", opts.PreviousAtRestKeys)
+	if err != nil {
+		return nil, err
+	}
 	verifiers := make(map[string]attest.Verifier, len(opts.Verifiers))
 	for _, v := range opts.Verifiers {
 		if v == nil {
@@ -121,6 +132,9 @@ func New(opts Options) (*Server, error) {
 		token:      tok,
 		cookie:     cookie,
 		atRest:     atRest,
+		cookieOld:  cookieOld,
+		atRestOld:  atRestOld,
+		atRestID:   AtRestKeyID(opts.AtRestKey),
 		admin:      admin,
 		register:   opts.AllowRegister,
 		sessionTTL: opts.SessionTTL,
@@ -172,6 +186,18 @@ func newAEAD(name string, key []byte) (cipher.AEAD, error) {
 		return nil, fmt.Errorf("kbs: Options.%s: %w", name, err)
 	}
 	return cipher.NewGCM(b)
+}
+
+func newAEADs(name string, keys [][]byte) ([]cipher.AEAD, error) {
+	out := make([]cipher.AEAD, 0, len(keys))
+	for i, k := range keys {
+		a, err := newAEAD(fmt.Sprintf("%s[%d]", name, i), k)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, a)
+	}
+	return out, nil
 }
 
 // TokenPublicKey is the key that verifies the broker's attestation
@@ -250,7 +276,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // routes are the broker's endpoints, made once in New.
 type routes struct {
 	healthz, metrics, auth, attest, resourcePolicy, register, workloads,
-	resource, adminResource, workload, key route
+	resource, adminResource, workload, key, reseal route
 }
 
 func (s *Server) makeRoutes() {
@@ -267,6 +293,7 @@ func (s *Server) makeRoutes() {
 		adminResource:  route{"admin_resource", []string{get, del}, s.adminOnly(s.handleAdminResource)},
 		workload:       route{"admin_workload", []string{get, put, del}, s.adminOnly(s.handleWorkload)},
 		key:            route{"key", []string{get, post}, s.handleKey},
+		reseal:         route{"admin_reseal", []string{post}, s.adminOnly(s.handleReseal)},
 	}
 }
 
@@ -293,6 +320,8 @@ func (s *Server) match(path string) (*route, []string) {
 		return &rs.register, nil
 	case "admin/workloads":
 		return &rs.workloads, nil
+	case "admin/reseal":
+		return &rs.reseal, nil
 	}
 	if p, ok := strings.CutPrefix(rest, "resource/"); ok {
 		if segs := strings.Split(p, "/"); len(segs) == 3 {

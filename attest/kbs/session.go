@@ -85,6 +85,13 @@ func (s *Server) openSession(v string) (session, error) {
 		return session{}, errors.New("session cookie too short")
 	}
 	pt, err := s.cookie.Open(nil, raw[:ns], raw[ns:], []byte(sessionAAD))
+	for _, old := range s.cookieOld {
+		if err == nil {
+			break
+		}
+		// A session begun on a replica not yet given the new secrets.
+		pt, err = old.Open(nil, raw[:ns], raw[ns:], []byte(sessionAAD))
+	}
 	if err != nil {
 		return session{}, errors.New("session cookie was not sealed by this broker's cookie key")
 	}

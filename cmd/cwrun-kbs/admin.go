@@ -19,8 +19,9 @@ import (
 	"github.com/spf13/cobra"
 )
 
-// kbsClientOpts are the flags every admin verb shares.
-type kbsClientOpts struct{ url, adminKey, caCert string }
+// kbsClientOpts are the flags every admin verb shares; dir, where set,
+// is the config folder their defaults come from (DefaultDir otherwise).
+type kbsClientOpts struct{ url, adminKey, caCert, dir string }
 
 func (o *kbsClientOpts) addFlags(cmd *cobra.Command) {
 	pf := cmd.PersistentFlags()
@@ -30,7 +31,7 @@ func (o *kbsClientOpts) addFlags(cmd *cobra.Command) {
 }
 
 func (o *kbsClientOpts) client() (*kbs.AdminClient, error) {
-	return config.NewAdminClient(config.ClientOptions{URL: o.url, AdminKey: o.adminKey, CACert: o.caCert})
+	return config.NewAdminClient(config.ClientOptions{URL: o.url, AdminKey: o.adminKey, CACert: o.caCert, Dir: o.dir})
 }
 
 func newKbsWorkloadCmd() *cobra.Command {

@@ -24,9 +24,11 @@ Trustee's KBS protocol 0.4.0 and krun's endpoints.
   cwrun kbs serve                    run the broker
   cwrun kbs check                    look a broker's setup over without starting it
   cwrun kbs renew-tls                a new TLS certificate from the broker's CA, before init's ends
+  cwrun kbs rotate-secrets           a new secrets key (then reseal, then --drop-previous)
   cwrun kbs workload add ID ...      register a workload (admin API)`,
 	}
 	cmd.AddCommand(newKbsInitCmd(), newKbsServeCmd(g), newKbsCheckCmd(), newKbsRenewTLSCmd(),
+		newKbsRotateSecretsCmd(), newKbsResealCmd(),
 		newKbsWorkloadCmd(), newKbsResourceCmd(), newKbsPolicyCmd())
 	return cmd
 }
@@ -61,7 +63,7 @@ issue the next certificate without a new file for them. The folder is made
 	f.StringVar(&dir, "dir", config.DefaultDir(), "folder to write the config and keys into")
 	f.StringArrayVar(&o.Hosts, "host", nil, "extra DNS name or IP address for the TLS certificate (repeatable)")
 	f.StringVar(&o.Listen, "listen", config.DefaultListen, "address the broker will listen on (\":8443\" for every address)")
-	f.BoolVar(&o.Force, "force", false, "replace existing files (secrets sealed with the old secrets.key become unreadable, and clients need the new ca.crt; to renew only the TLS certificate, use renew-tls)")
+	f.BoolVar(&o.Force, "force", false, "replace existing files (secrets sealed with the old secrets.key become unreadable, and clients need the new ca.crt; to renew only the TLS certificate, use renew-tls; to change only the secrets key, rotate-secrets)")
 	return cmd
 }
 
@@ -70,19 +72,24 @@ func printInit(w io.Writer, dir, listen string, files []string) {
 	for _, f := range files {
 		fmt.Fprintf(w, "  %s\n", f)
 	}
-	// Outside the default folder the admin verbs cannot find the key and
-	// certificate by themselves: spell them out.
-	admin := ""
-	if abs, _ := filepath.Abs(dir); abs != config.DefaultDir() {
-		admin = fmt.Sprintf(" --kbs %s --admin-key %s --cacert %s", config.ListenURL(listen, true),
-			filepath.Join(dir, config.AdminKeyFile), filepath.Join(dir, config.CACertFile))
-	}
+	admin := adminFlags(dir, config.ListenURL(listen, true))
 	fmt.Fprintf(w, "\nnext:\n")
 	fmt.Fprintf(w, "  cwrun kbs serve --config %s\n", filepath.Join(dir, config.FileName))
 	fmt.Fprintf(w, "  cwrun kbs workload add ID%s --tee snp --passphrase-file KEYFILE --ref measurement=HEX\n", admin)
 	fmt.Fprintf(w, "\nkeep admin.key with the administrator (and ca.key, which only renew-tls needs, with whoever renews);\n")
 	fmt.Fprintf(w, "clients trust the broker with --cacert %s (cwrun build and run: --kbs-cacert), never in the system's store\n",
 		filepath.Join(dir, config.CACertFile))
+}
+
+// adminFlags are the flags an admin verb needs to reach the broker of
+// dir at url: none in the default folder, where the verbs find the key
+// and certificate by themselves.
+func adminFlags(dir, url string) string {
+	if abs, _ := filepath.Abs(dir); abs == config.DefaultDir() {
+		return ""
+	}
+	return fmt.Sprintf(" --kbs %s --admin-key %s --cacert %s", url,
+		filepath.Join(dir, config.AdminKeyFile), filepath.Join(dir, config.CACertFile))
 }
 
 func newKbsRenewTLSCmd() *cobra.Command {
@@ -164,5 +171,134 @@ says FAIL: serve would refuse to start, or the broker would not work.`,
 		},
 	}
 	cmd.Flags().StringVar(&path, "config", filepath.Join(config.DefaultDir(), config.FileName), "the broker's config file")
+	return cmd
+}
+
+func newKbsRotateSecretsCmd() *cobra.Command {
+	var (
+		path string
+		drop bool
+	)
+	co := &kbsClientOpts{}
+	cmd := &cobra.Command{
+		Use:   "rotate-secrets [flags]",
+		Short: "Put a new key first in the secrets key file; with --drop-previous, remove the earlier ones",
+		Long: `The secrets key seals the stored passphrases and resources, and the session
+cookies. Rotate it when it may have leaked, or on a schedule:
+
+  1. cwrun kbs rotate-secrets          writes a new random key first in the
+                                       file that secrets_key names, keeping
+                                       the earlier keys after it
+  2. give the file to every broker sharing the store and restart them:
+     they seal under the new key and still open what the earlier ones sealed
+  3. cwrun kbs reseal                  re-seals every record under the new key
+  4. cwrun kbs rotate-secrets --drop-previous
+                                       asks the broker to reseal once more, checks
+                                       that it seals under this file's first key
+                                       and that every record opens, and only then
+                                       leaves the first key alone in the file;
+                                       restart the brokers on it
+
+--drop-previous talks to the broker with the admin verbs' flags, whose
+defaults come from the folder of --config.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			w := cmd.OutOrStdout()
+			if !drop {
+				sf, err := config.RotateSecrets(path, time.Now())
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(w, "wrote a new secrets key first in %s (key id %s); %d earlier key(s) kept after it\n", sf.Path, sf.KeyID, sf.Previous)
+				dir := filepath.Dir(path)
+				admin := ""
+				if url, err := config.URLFromDir(dir); err == nil {
+					admin = adminFlags(dir, url)
+				}
+				fmt.Fprintf(w, "\nnext:\n")
+				fmt.Fprintf(w, "  1. give %s to every broker that shares the store, and restart them\n", sf.Path)
+				fmt.Fprintf(w, "  2. re-seal every record under the new key:\n     cwrun kbs reseal%s\n", admin)
+				fmt.Fprintf(w, "  3. remove the earlier keys:\n     cwrun kbs rotate-secrets --drop-previous --config %s%s\n", path, admin)
+				return nil
+			}
+			return dropPreviousSecrets(cmd, co, path)
+		},
+	}
+	co.addFlags(cmd)
+	f := cmd.Flags()
+	f.StringVar(&path, "config", filepath.Join(config.DefaultDir(), config.FileName), "the broker's config file (its secrets_key names the file)")
+	f.BoolVar(&drop, "drop-previous", false, "remove the earlier keys, once the broker has re-sealed every record under the first")
+	return cmd
+}
+
+// dropPreviousSecrets removes the earlier keys only after the broker
+// proved, by a reseal answered just now, that it seals under the file's
+// first key and that no record needs another: dropping a key that a
+// record still needs would lose that record's secret for good.
+func dropPreviousSecrets(cmd *cobra.Command, co *kbsClientOpts, path string) error {
+	w := cmd.OutOrStdout()
+	sf, err := config.ReadSecretsFile(path)
+	if err != nil {
+		return err
+	}
+	if sf.Previous == 0 {
+		fmt.Fprintf(w, "%s holds one key (key id %s): nothing to drop\n", sf.Path, sf.KeyID)
+		return nil
+	}
+	// The broker of this config, unless the flags name another.
+	co.dir = filepath.Dir(path)
+	c, err := co.client()
+	if err != nil {
+		return fmt.Errorf("%w; nothing dropped (the broker must confirm that no record needs the earlier keys)", err)
+	}
+	rep, err := c.Reseal(cmd.Context())
+	if err != nil {
+		return fmt.Errorf("asking the broker to reseal: %w; nothing dropped (the broker must confirm that no record needs the earlier keys)", adminHint(err))
+	}
+	if rep.KeyID != sf.KeyID {
+		return fmt.Errorf("the broker at %s seals under key id %s, not %s, the first key in %s: restart it (and every broker sharing its store) on this file, run `cwrun kbs reseal`, then this again; nothing dropped",
+			c.BaseURL, rep.KeyID, sf.KeyID, sf.Path)
+	}
+	if !rep.Done() {
+		return fmt.Errorf("no key the broker holds opens %d record(s): %s; they need a key that is in neither this file nor the broker's; nothing dropped",
+			len(rep.Unopened), strings.Join(rep.Unopened, ", "))
+	}
+	sf, err = config.DropPreviousSecrets(path)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "every stored record (%d) is sealed under key id %s; dropped the earlier key(s) from %s\n", rep.Resealed+rep.Current, sf.KeyID, sf.Path)
+	fmt.Fprintf(w, "restart the brokers on this file so that they forget the earlier keys; backups of the old file still open backups of the store made before the reseal\n")
+	return nil
+}
+
+func newKbsResealCmd() *cobra.Command {
+	co := &kbsClientOpts{}
+	cmd := &cobra.Command{
+		Use:   "reseal [flags]",
+		Short: "Have the broker re-seal every stored passphrase and resource under its current secrets key",
+		Long: `After rotate-secrets, and once every broker sharing the store runs with the
+new secrets key file: the broker re-seals every passphrase and resource that
+an earlier key sealed under the file's first key. A record changed meanwhile
+by an admin is read again, never overwritten. Running it twice is harmless.
+The exit status is 1 when some record opens with no key the broker holds.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := co.client()
+			if err != nil {
+				return err
+			}
+			rep, err := c.Reseal(cmd.Context())
+			if err != nil {
+				return fmt.Errorf("reseal: %w", adminHint(err))
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "re-sealed %d record(s) under key id %s; %d already were\n", rep.Resealed, rep.KeyID, rep.Current)
+			if !rep.Done() {
+				return fmt.Errorf("reseal: no key the broker holds opens %d record(s): %s", len(rep.Unopened), strings.Join(rep.Unopened, ", "))
+			}
+			return nil
+		},
+	}
+	co.addFlags(cmd)
 	return cmd
 }

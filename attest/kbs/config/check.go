@@ -68,6 +68,9 @@ func Check(ctx context.Context, path string, now time.Time) []Finding {
 	default:
 		add(OK, "config", "%s: the key files load and only their owner can read them", path)
 	}
+	if sf, err := ReadSecretsFile(path); err == nil && sf.Previous > 0 {
+		add(Note, "config", "secrets_key holds %d earlier key(s) after the current one (a rotation in progress): once every broker runs with this file, `cwrun kbs reseal`, then `cwrun kbs rotate-secrets --drop-previous`", sf.Previous)
+	}
 	c.checkListen(add)
 	c.checkTLS(add, now)
 	c.checkStore(ctx, add)

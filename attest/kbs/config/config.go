@@ -260,16 +260,26 @@ func (c *Config) Validate() error {
 	}
 	if c.SecretsKey == "" {
 		bad("secrets_key", errors.New("missing: a file of 32 random bytes in hex (`cwrun kbs init` makes one; `openssl rand -hex 32` does too)"))
-	} else if secret, err := readSecret(c.SecretsKey); err != nil {
+	} else if secrets, err := readSecrets(c.SecretsKey); err != nil {
 		bad("secrets_key", err)
 	} else {
-		k.cookie, k.atRest, err = deriveKeys(secret)
-		if err == nil {
-			k.tpmCredential, err = hkdf.Key(sha256.New, secret, nil, tpmCredentialLabel, 32)
-		}
-		clear(secret)
-		if err != nil {
-			bad("secrets_key", err)
+		// The first key seals; the rest (a rotation in progress) only
+		// open what they sealed.
+		for i, secret := range secrets {
+			cookie, atRest, err := deriveKeys(secret)
+			if err != nil {
+				bad("secrets_key", err)
+				break
+			}
+			if i == 0 {
+				k.cookie, k.atRest = cookie, atRest
+				if k.tpmCredential, err = hkdf.Key(sha256.New, secret, nil, tpmCredentialLabel, 32); err != nil {
+					bad("secrets_key", err)
+				}
+			} else {
+				k.prevCookie, k.prevAtRest = append(k.prevCookie, cookie), append(k.prevAtRest, atRest)
+			}
+			clear(secret)
 		}
 	}
 	for _, p := range c.AdminKeys {
@@ -365,8 +375,10 @@ func checkDirOrAbsent(p string) error {
 type keys struct {
 	token          *ecdsa.PrivateKey
 	cookie, atRest []byte
-	tpmCredential  []byte
-	admin          []crypto.PublicKey
+	// prevCookie and prevAtRest come from secrets_key's later keys.
+	prevCookie, prevAtRest [][]byte
+	tpmCredential          []byte
+	admin                  []crypto.PublicKey
 }
 
 // HKDF labels: distinct so that the cookie key and the at-rest key are

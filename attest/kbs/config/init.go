@@ -86,7 +86,7 @@ func Init(dir string, o InitOptions) ([]string, error) {
 		}
 	}
 	if len(existing) > 0 && !o.Force {
-		return nil, fmt.Errorf("kbs init: %s already holds %s: nothing written; pass --force to replace them (stored secrets sealed with the old secrets.key become unreadable, and clients need the new ca.crt; to renew only the TLS certificate: cwrun kbs renew-tls)", dir, strings.Join(existing, ", "))
+		return nil, fmt.Errorf("kbs init: %s already holds %s: nothing written; pass --force to replace them (stored secrets sealed with the old secrets.key become unreadable, and clients need the new ca.crt; to renew only the TLS certificate: cwrun kbs renew-tls; to change only the secrets key: cwrun kbs rotate-secrets)", dir, strings.Join(existing, ", "))
 	}
 
 	files, err := initFiles(o.Listen, hosts)

@@ -138,14 +138,41 @@ func ReadPublicKeys(path string) ([]crypto.PublicKey, error) {
 	return out, nil
 }
 
-// readSecret reads the secrets key: 32 bytes written as hex or base64.
-func readSecret(path string) ([]byte, error) {
+// readSecrets reads the secrets key file: one key per line, each 32
+// bytes in hex or base64, blank lines and # comments skipped. The first
+// is the key; any after it are earlier keys that a rotation keeps until
+// every record is re-sealed (rotate-secrets writes them).
+func readSecrets(path string) ([][]byte, error) {
 	b, err := readPrivate(path)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(b)
-	s := bytes.TrimSpace(b)
+	var out [][]byte
+	for i, line := range bytes.Split(b, []byte("\n")) {
+		line = bytes.TrimSpace(line)
+		if len(line) == 0 || line[0] == '#' {
+			continue
+		}
+		k, ok := decodeSecret(line)
+		if !ok {
+			return nil, fmt.Errorf("%s line %d does not hold 32 bytes in hex or base64: write one with `openssl rand -hex 32`, one key per line (the first seals, the rest are earlier keys kept during a rotation)", path, i+1)
+		}
+		for _, seen := range out {
+			if bytes.Equal(seen, k) {
+				return nil, fmt.Errorf("%s line %d repeats an earlier key: keep each key once", path, i+1)
+			}
+		}
+		out = append(out, k)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s holds no key: write one with `openssl rand -hex 32 > %s`", path, path)
+	}
+	return out, nil
+}
+
+// decodeSecret reads one key: 32 bytes in hex or base64.
+func decodeSecret(s []byte) ([]byte, bool) {
 	for _, dec := range []func([]byte) ([]byte, error){
 		func(s []byte) ([]byte, error) {
 			out := make([]byte, hex.DecodedLen(len(s)))
@@ -156,10 +183,10 @@ func readSecret(path string) ([]byte, error) {
 		decode64(base64.URLEncoding), decode64(base64.RawURLEncoding),
 	} {
 		if k, err := dec(s); err == nil && len(k) == 32 {
-			return k, nil
+			return k, true
 		}
 	}
-	return nil, fmt.Errorf("%s does not hold 32 bytes in hex or base64: write one with `openssl rand -hex 32 > %s`", path, path)
+	return nil, false
 }
 
 func decode64(enc *base64.Encoding) func([]byte) ([]byte, error) {

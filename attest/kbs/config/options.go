@@ -42,19 +42,21 @@ func (c *Config) Options(ctx context.Context, logger *slog.Logger, reg prometheu
 		return kbs.Options{}, nil, fmt.Errorf("store %s: %w", RedactURL(c.Store), err)
 	}
 	return kbs.Options{
-		Store:         st,
-		Verifiers:     verifiers,
-		TokenKey:      c.keys.token,
-		CookieKey:     c.keys.cookie,
-		AtRestKey:     c.keys.atRest,
-		AdminKeys:     c.keys.admin,
-		AllowRegister: c.AllowRegister,
-		SessionTTL:    c.SessionTTL.Duration,
-		TokenTTL:      c.TokenTTL.Duration,
-		Admission:     c.Admission == nil || *c.Admission,
-		AdmitWait:     c.AdmissionWait.Duration,
-		Logger:        logger,
-		Metrics:       reg,
+		Store:              st,
+		Verifiers:          verifiers,
+		TokenKey:           c.keys.token,
+		CookieKey:          c.keys.cookie,
+		AtRestKey:          c.keys.atRest,
+		PreviousCookieKeys: c.keys.prevCookie,
+		PreviousAtRestKeys: c.keys.prevAtRest,
+		AdminKeys:          c.keys.admin,
+		AllowRegister:      c.AllowRegister,
+		SessionTTL:         c.SessionTTL.Duration,
+		TokenTTL:           c.TokenTTL.Duration,
+		Admission:          c.Admission == nil || *c.Admission,
+		AdmitWait:          c.AdmissionWait.Duration,
+		Logger:             logger,
+		Metrics:            reg,
 	}, st, nil
 }
 

@@ -19,6 +19,9 @@ var (
 	ErrNotFound = errors.New("not found")
 	ErrExists   = errors.New("already exists")
 	ErrReplay   = errors.New("nonce already used")
+	// ErrChanged: a swap found another value than the one it was to
+	// replace (the record was rewritten since it was read).
+	ErrChanged = errors.New("changed since it was read")
 )
 
 // Workload is one sealed image the broker releases a key for.
@@ -67,6 +70,18 @@ type Store interface {
 	SetResource(ctx context.Context, path string, sealed []byte) error
 	Resource(ctx context.Context, path string) ([]byte, error)
 	DeleteResource(ctx context.Context, path string) error
+	// ResourcePaths lists every resource's path, sorted bytewise (empty,
+	// not an error, when there are none).
+	ResourcePaths(ctx context.Context) ([]string, error)
+
+	// SwapPassphrase and SwapResource replace a sealed blob with next
+	// only while it still is prev, and change nothing else: ErrNotFound
+	// when the record is gone, ErrChanged when it holds another blob.
+	// Re-sealing under a new at-rest key uses them, so that a record
+	// rewritten meanwhile (an admin's replace) is never overwritten
+	// with an older secret.
+	SwapPassphrase(ctx context.Context, id string, prev, next []byte) error
+	SwapResource(ctx context.Context, path string, prev, next []byte) error
 
 	// Policies by name ("resource" is the broker-wide resource policy).
 	// SetPolicy creates or overwrites; Policy returns ErrNotFound for a

@@ -402,6 +402,60 @@ func (s *Store) DeleteResource(ctx context.Context, path string) error {
 	return nil
 }
 
+// ResourcePaths implements store.Store, sorted bytewise as Workloads.
+func (s *Store) ResourcePaths(ctx context.Context) ([]string, error) {
+	rows, err := s.pool.Query(ctx, `SELECT path FROM resources ORDER BY path COLLATE "C"`)
+	if err != nil {
+		return nil, fmt.Errorf("list resources: %w", ctxErr(ctx, err))
+	}
+	paths, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("list resources: %w", ctxErr(ctx, err))
+	}
+	if paths == nil {
+		paths = []string{}
+	}
+	return paths, nil
+}
+
+// SwapPassphrase implements store.Store.
+func (s *Store) SwapPassphrase(ctx context.Context, id string, prev, next []byte) error {
+	if err := s.swap(ctx, `workloads`, `sealed_passphrase`, `id`, id, prev, next); err != nil {
+		return fmt.Errorf("swap passphrase of workload %s: %w", id, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// SwapResource implements store.Store.
+func (s *Store) SwapResource(ctx context.Context, path string, prev, next []byte) error {
+	if err := s.swap(ctx, `resources`, `sealed`, `path`, path, prev, next); err != nil {
+		return fmt.Errorf("swap resource %s: %w", path, ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// swap sets column to next in table's row key = k while it holds prev,
+// in one statement; when no row changed, a second read tells a missing
+// row from a changed one. The names are the callers' constants, never
+// input.
+func (s *Store) swap(ctx context.Context, table, column, key, k string, prev, next []byte) error {
+	tag, err := s.pool.Exec(ctx, `UPDATE `+table+` SET `+column+` = $3 WHERE `+key+` = $1 AND `+column+` = $2`, k, blob(prev), blob(next))
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 1 {
+		return nil
+	}
+	var exists bool
+	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+table+` WHERE `+key+` = $1)`, k).Scan(&exists); err != nil {
+		return err
+	}
+	if !exists {
+		return store.ErrNotFound
+	}
+	return store.ErrChanged
+}
+
 // SetPolicy implements store.Store.
 func (s *Store) SetPolicy(ctx context.Context, name, rego string) error {
 	if err := store.CheckText("policy name", name); err != nil {

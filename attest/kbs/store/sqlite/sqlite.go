@@ -44,6 +44,7 @@
 package sqlite
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"database/sql"
@@ -600,6 +601,63 @@ func (s *Store) DeleteResource(ctx context.Context, path string) error {
 		return fmt.Errorf("delete resource %s: %w", path, err)
 	}
 	return nil
+}
+
+// ResourcePaths implements store.Store.
+func (s *Store) ResourcePaths(ctx context.Context) ([]string, error) {
+	rows, err := s.r.QueryContext(ctx, `SELECT path FROM resources ORDER BY path`)
+	if err != nil {
+		return nil, fmt.Errorf("list resources: %w", err)
+	}
+	defer rows.Close()
+	paths := []string{}
+	for rows.Next() {
+		var p string
+		if err := rows.Scan(&p); err != nil {
+			return nil, fmt.Errorf("list resources: %w", err)
+		}
+		paths = append(paths, p)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list resources: %w", err)
+	}
+	return paths, nil
+}
+
+// SwapPassphrase implements store.Store.
+func (s *Store) SwapPassphrase(ctx context.Context, id string, prev, next []byte) error {
+	if err := s.swap(ctx, `workloads`, `sealed_passphrase`, `id`, id, prev, next); err != nil {
+		return fmt.Errorf("swap passphrase of workload %s: %w", id, err)
+	}
+	return nil
+}
+
+// SwapResource implements store.Store.
+func (s *Store) SwapResource(ctx context.Context, path string, prev, next []byte) error {
+	if err := s.swap(ctx, `resources`, `sealed`, `path`, path, prev, next); err != nil {
+		return fmt.Errorf("swap resource %s: %w", path, err)
+	}
+	return nil
+}
+
+// swap sets column to next in table's row key = k while it holds prev.
+// The names are the callers' constants, never input.
+func (s *Store) swap(ctx context.Context, table, column, key, k string, prev, next []byte) error {
+	return s.write(ctx, true, func(tx *sql.Tx) error {
+		var cur []byte
+		err := tx.QueryRowContext(ctx, `SELECT `+column+` FROM `+table+` WHERE `+key+` = ?`, k).Scan(&cur)
+		if errors.Is(err, sql.ErrNoRows) {
+			return store.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(cur, prev) {
+			return store.ErrChanged
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE `+table+` SET `+column+` = ? WHERE `+key+` = ?`, blob(next), k)
+		return err
+	})
 }
 
 // SetPolicy implements store.Store.

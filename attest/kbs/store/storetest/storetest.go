@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -36,6 +37,9 @@ func StoreSuite(t *testing.T, open func(t *testing.T) store.Store) {
 		{"NotFound", testNotFound},
 		{"InvalidText", testInvalidText},
 		{"Resources", testResources},
+		{"ResourcePaths", testResourcePaths},
+		{"SwapPassphrase", testSwapPassphrase},
+		{"SwapResource", testSwapResource},
 		{"Policies", testPolicies},
 		{"Nonce", testNonce},
 		{"NonceExpiredReuse", testNonceExpiredReuse},
@@ -399,6 +403,87 @@ func testResources(t *testing.T, s store.Store) {
 	}
 	if got, err := s.Resource(ctx, "default/key/two"); err != nil || !bytes.Equal(got, big) {
 		t.Errorf("Resource(default/key/two) after deleting another: %d bytes, %v", len(got), err)
+	}
+}
+
+func testResourcePaths(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	if got, err := s.ResourcePaths(ctx); err != nil || got == nil || len(got) != 0 {
+		t.Fatalf("ResourcePaths of an empty store = %#v, %v; want an empty, non-nil list", got, err)
+	}
+	// Bytewise order, whatever the database's collation: "B" < "a" < "ü".
+	for _, p := range []string{"ü/x/y", "a/key/two", "B/key/one", "a/key/one"} {
+		if err := s.SetResource(ctx, p, []byte(p)); err != nil {
+			t.Fatalf("SetResource(%s): %v", p, err)
+		}
+	}
+	if err := s.DeleteResource(ctx, "a/key/two"); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ResourcePaths(ctx)
+	want := []string{"B/key/one", "a/key/one", "ü/x/y"}
+	if err != nil || !slices.Equal(got, want) {
+		t.Errorf("ResourcePaths = %q, %v; want %q", got, err, want)
+	}
+}
+
+// testSwapPassphrase: the swap replaces the sealed passphrase only
+// while it holds prev, touches no other field, and tells a missing
+// workload from a changed one.
+func testSwapPassphrase(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	w := sampleWorkload("swap")
+	if err := s.AddWorkload(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	next := []byte{9, 0, 8, 0xff}
+	if err := s.SwapPassphrase(ctx, "swap", []byte("not what it holds"), next); !errors.Is(err, store.ErrChanged) {
+		t.Fatalf("SwapPassphrase with a stale prev: err = %v, want ErrChanged", err)
+	}
+	if got, _ := s.Workload(ctx, "swap"); !bytes.Equal(got.SealedPassphrase, w.SealedPassphrase) {
+		t.Fatalf("a refused swap changed the passphrase to %x", got.SealedPassphrase)
+	}
+	if err := s.SwapPassphrase(ctx, "swap", w.SealedPassphrase, next); err != nil {
+		t.Fatalf("SwapPassphrase: %v", err)
+	}
+	want := w
+	want.SealedPassphrase = next
+	got, err := s.Workload(ctx, "swap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkWorkload(t, got, want)
+	// The old blob no longer matches: a second swap from it is refused.
+	if err := s.SwapPassphrase(ctx, "swap", w.SealedPassphrase, []byte("x")); !errors.Is(err, store.ErrChanged) {
+		t.Errorf("second SwapPassphrase from the old blob: err = %v, want ErrChanged", err)
+	}
+	if err := s.SwapPassphrase(ctx, "gone", next, []byte("x")); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("SwapPassphrase of a missing workload: err = %v, want ErrNotFound", err)
+	}
+}
+
+func testSwapResource(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	prev, next := []byte{0, 1, 2}, []byte{3, 0, 4, 5}
+	if err := s.SetResource(ctx, "r/t/one", prev); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetResource(ctx, "r/t/two", prev); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SwapResource(ctx, "r/t/one", []byte{0, 1}, next); !errors.Is(err, store.ErrChanged) {
+		t.Fatalf("SwapResource with a stale prev: err = %v, want ErrChanged", err)
+	}
+	if err := s.SwapResource(ctx, "r/t/one", prev, next); err != nil {
+		t.Fatalf("SwapResource: %v", err)
+	}
+	for p, want := range map[string][]byte{"r/t/one": next, "r/t/two": prev} {
+		if got, err := s.Resource(ctx, p); err != nil || !bytes.Equal(got, want) {
+			t.Errorf("Resource(%s) after the swap = %x, %v; want %x", p, got, err, want)
+		}
+	}
+	if err := s.SwapResource(ctx, "r/t/gone", prev, next); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("SwapResource of a missing path: err = %v, want ErrNotFound", err)
 	}
 }
 

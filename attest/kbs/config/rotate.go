@@ -1,0 +1,124 @@
+package config
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/cwrun/cwrun/attest/kbs"
+)
+
+// Rotating the secrets key (the key that seals passphrases and
+// resources at rest and session cookies): the file named by secrets_key
+// may hold several keys, one per line. The first seals; the others are
+// earlier keys kept so that what they sealed still opens. RotateSecrets
+// puts a new key first; once every replica runs with the new file, the
+// admin API's reseal moves each record onto it, and DropPreviousSecrets
+// leaves the new key alone in the file.
+
+// SecretsFile describes a secrets key file.
+type SecretsFile struct {
+	Path string
+	// KeyID names the first key's at-rest key (kbs.AtRestKeyID): the
+	// one a broker started on this file seals under.
+	KeyID string
+	// Previous is how many earlier keys the file keeps.
+	Previous int
+}
+
+// ReadSecretsFile describes the secrets key file that the config at
+// configPath names.
+func ReadSecretsFile(configPath string) (SecretsFile, error) {
+	path, secrets, err := readSecretsOf(configPath)
+	if err != nil {
+		return SecretsFile{}, err
+	}
+	defer clearAll(secrets)
+	return describeSecrets(path, secrets)
+}
+
+func describeSecrets(path string, secrets [][]byte) (SecretsFile, error) {
+	_, atRest, err := deriveKeys(secrets[0])
+	if err != nil {
+		return SecretsFile{}, err
+	}
+	defer clear(atRest)
+	return SecretsFile{Path: path, KeyID: kbs.AtRestKeyID(atRest), Previous: len(secrets) - 1}, nil
+}
+
+// RotateSecrets writes a new random key first into the secrets key file
+// that the config at configPath names, keeping the keys it held after
+// it. A broker started on the file seals under the new key and still
+// opens what the earlier ones sealed.
+func RotateSecrets(configPath string, now time.Time) (SecretsFile, error) {
+	path, secrets, err := readSecretsOf(configPath)
+	if err != nil {
+		return SecretsFile{}, err
+	}
+	defer clearAll(secrets)
+	fresh := make([]byte, 32)
+	if _, err := rand.Read(fresh); err != nil {
+		return SecretsFile{}, err
+	}
+	secrets = append([][]byte{fresh}, secrets...)
+	var b strings.Builder
+	fmt.Fprintf(&b, "# The broker's secrets key, rotated %s. The first key seals; the ones\n", now.UTC().Format(time.RFC3339))
+	b.WriteString("# after it are earlier keys, kept so that what they sealed still opens,\n")
+	b.WriteString("# until `cwrun kbs reseal` has moved every record onto the first and\n")
+	b.WriteString("# `cwrun kbs rotate-secrets --drop-previous` removes them.\n")
+	if err := writeSecrets(path, b.String(), secrets); err != nil {
+		return SecretsFile{}, err
+	}
+	return describeSecrets(path, secrets)
+}
+
+// DropPreviousSecrets leaves only the first key in the secrets key file
+// that the config at configPath names. Whatever only the dropped keys
+// opened no longer opens: the caller checks first (the admin API's
+// reseal, answered with the first key's ID and nothing left unopened).
+func DropPreviousSecrets(configPath string) (SecretsFile, error) {
+	path, secrets, err := readSecretsOf(configPath)
+	if err != nil {
+		return SecretsFile{}, err
+	}
+	defer clearAll(secrets)
+	if err := writeSecrets(path, "", secrets[:1]); err != nil {
+		return SecretsFile{}, err
+	}
+	return describeSecrets(path, secrets[:1])
+}
+
+func readSecretsOf(configPath string) (string, [][]byte, error) {
+	c, err := Read(configPath)
+	if err != nil {
+		return "", nil, err
+	}
+	if c.SecretsKey == "" {
+		return "", nil, fmt.Errorf("%s names no secrets_key", configPath)
+	}
+	secrets, err := readSecrets(c.SecretsKey)
+	return c.SecretsKey, secrets, err
+}
+
+// writeSecrets replaces the file with header and the keys in hex, one
+// per line, mode 0600.
+func writeSecrets(path, header string, secrets [][]byte) error {
+	data := []byte(header)
+	for _, k := range secrets {
+		data = hex.AppendEncode(data, k)
+		data = append(data, '\n')
+	}
+	defer clear(data)
+	if err := replaceFile(path, data, 0o600); err != nil {
+		return fmt.Errorf("secrets key: %w (%s is unchanged)", err, path)
+	}
+	return nil
+}
+
+func clearAll(bs [][]byte) {
+	for _, b := range bs {
+		clear(b)
+	}
+}
