@@ -311,7 +311,7 @@ func TestKbsCheck(t *testing.T) {
 
 // Help names each verb as the user types it.
 func TestKbsHelpNames(t *testing.T) {
-	for _, verb := range [][]string{{"workload", "add"}, {"check"}, {"renew-tls"}, {"rotate-secrets"}, {"reseal"}} {
+	for _, verb := range [][]string{{"workload", "add"}, {"check"}, {"renew-tls"}, {"rotate-secrets"}, {"reseal"}, {"backup"}, {"restore"}} {
 		out := mustRun(t, cwrunBin, append(append([]string{"kbs"}, verb...), "--help")...)
 		if want := "cwrun kbs " + strings.Join(verb, " "); !strings.Contains(out, want) {
 			t.Errorf("help of %v does not say %q:\n%s", verb, want, out)
@@ -822,5 +822,74 @@ func TestKbsRotateSecrets(t *testing.T) {
 		if strings.Contains(b.log(), s) {
 			t.Errorf("the broker log carries the secret %q", s)
 		}
+	}
+}
+
+// Backup beside a running broker, restore after it stopped: what the
+// backup held is released again, what came later is gone (and kept
+// aside), and a backup sealed under another secrets key is refused
+// before anything changes.
+func TestKbsBackupRestore(t *testing.T) {
+	dir := kbsInit(t)
+	cfg := filepath.Join(dir, config.FileName)
+	ctx := context.Background()
+	b := startBroker(t, dir, "--tees", "sample")
+	ad := b.admin(t)
+	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "one", Tee: attest.TeeSample, Passphrase: "disk-key-1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ad.SetResource(ctx, "app/cfg/db", []byte("resource-1")); err != nil {
+		t.Fatal(err)
+	}
+	backup := filepath.Join(t.TempDir(), "kbs-backup.db")
+	out := mustRun(t, cwrunBin, "kbs", "backup", "--config", cfg, backup)
+	if !strings.Contains(out, "1 workload(s), 1 resource(s)") || !strings.Contains(out, "its 2 sealed secret(s) open with") {
+		t.Errorf("backup output:\n%s", out)
+	}
+	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "later", Tee: attest.TeeSample, Passphrase: "disk-key-2"}); err != nil {
+		t.Fatal(err)
+	}
+	r := run(t, time.Minute, cwrunBin, "kbs", "restore", "--config", cfg, backup)
+	if r.code == 0 || !strings.Contains(r.stderr, "a broker is serving") {
+		t.Fatalf("restore beside the running broker: exit %d\n%s", r.code, r.stderr)
+	}
+
+	// Another broker's backup, sealed under its own secrets key.
+	other := kbsInit(t)
+	ob := startBroker(t, other, "--tees", "sample")
+	if _, err := ob.admin(t).AddWorkload(ctx, kbs.WorkloadSpec{ID: "foreign", Tee: attest.TeeSample, Passphrase: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	foreign := filepath.Join(t.TempDir(), "foreign.db")
+	mustRun(t, cwrunBin, "kbs", "backup", "--config", filepath.Join(other, config.FileName), foreign)
+
+	b.kill()
+	b.wait()
+	r = run(t, time.Minute, cwrunBin, "kbs", "restore", "--config", cfg, foreign)
+	if r.code == 0 || !strings.Contains(r.stderr, "open with no key") || !strings.Contains(r.stderr, "nothing changed") {
+		t.Fatalf("restore of another broker's backup: exit %d\n%s", r.code, r.stderr)
+	}
+	out = mustRun(t, cwrunBin, "kbs", "restore", "--config", cfg, backup)
+	if !strings.Contains(out, "restored") || !strings.Contains(out, "before-restore-") {
+		t.Errorf("restore output:\n%s", out)
+	}
+
+	b = startBroker(t, dir, "--tees", "sample")
+	c := &attest.Client{BaseURL: b.url, HTTP: b.httpClient(t), Attester: sample.NewAttester()}
+	if got, err := c.Resource(ctx, kbs.PassphrasePath("one")); err != nil || string(got) != "disk-key-1" {
+		t.Errorf("after the restore, one releases %q, %v", got, err)
+	}
+	if got, err := b.admin(t).Resource(ctx, "app/cfg/db"); err != nil || string(got) != "resource-1" {
+		t.Errorf("after the restore, the resource: %q, %v", got, err)
+	}
+	if _, err := b.admin(t).Workload(ctx, "later"); err == nil {
+		t.Error("a workload registered after the backup survived its restore")
+	}
+	aside, _ := filepath.Glob(filepath.Join(dir, "*.before-restore-*"))
+	if len(aside) != 1 {
+		t.Fatalf("the replaced database was not kept: %v", aside)
+	}
+	if fi, err := os.Stat(aside[0]); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("the kept database: %v, %v", fi, err)
 	}
 }

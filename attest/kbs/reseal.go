@@ -25,9 +25,12 @@ import (
 // "workload ID" or "resource PATH"), which it left as they were.
 type ResealReport struct {
 	// KeyID names the key everything is now sealed under (AtRestKeyID).
-	KeyID    string   `json:"key_id"`
-	Resealed int      `json:"resealed"`
-	Current  int      `json:"current"`
+	KeyID    string `json:"key_id"`
+	Resealed int    `json:"resealed"`
+	Current  int    `json:"current"`
+	// Previous counts records an earlier key sealed that were left as
+	// they were: CheckSealed's answer; Reseal moves them.
+	Previous int      `json:"previous,omitempty"`
 	Unopened []string `json:"unopened,omitempty"`
 }
 
@@ -54,6 +57,19 @@ const resealTries = 5
 // key sealed under the current one. It is idempotent: a second run finds
 // every record current.
 func (s *Server) Reseal(ctx context.Context) (ResealReport, error) {
+	return s.walkSealed(ctx, true)
+}
+
+// CheckSealed reports which key opens each stored passphrase and
+// resource, changing nothing: whether the broker's keys open them all
+// (a backup before it is restored, a store before a key is dropped).
+func (s *Server) CheckSealed(ctx context.Context) (ResealReport, error) {
+	return s.walkSealed(ctx, false)
+}
+
+// walkSealed opens every sealed record and, with move, re-seals under
+// the current key those an earlier key sealed.
+func (s *Server) walkSealed(ctx context.Context, move bool) (ResealReport, error) {
 	rep := ResealReport{KeyID: s.atRestID}
 	wls, err := s.store.Workloads(ctx)
 	if err != nil {
@@ -65,6 +81,9 @@ func (s *Server) Reseal(ctx context.Context) (ResealReport, error) {
 			return w.SealedPassphrase, err
 		}
 		swap := func(prev, next []byte) error { return s.store.SwapPassphrase(ctx, w.ID, prev, next) }
+		if !move {
+			swap = nil
+		}
 		if err := s.reseal(&rep, "workload "+w.ID, passphraseAAD(w.ID), w.SealedPassphrase, read, swap); err != nil {
 			return rep, err
 		}
@@ -84,6 +103,9 @@ func (s *Server) Reseal(ctx context.Context) (ResealReport, error) {
 		if err != nil {
 			return rep, storeErr("read resource", err)
 		}
+		if !move {
+			swap = nil
+		}
 		if err := s.reseal(&rep, "resource "+p, resourceAAD(p), blob, read, swap); err != nil {
 			return rep, err
 		}
@@ -93,6 +115,7 @@ func (s *Server) Reseal(ctx context.Context) (ResealReport, error) {
 
 // reseal moves one record onto the current key, reading it again when
 // it changed under the swap; a record deleted meanwhile is skipped.
+// With no swap it only counts the record.
 func (s *Server) reseal(rep *ResealReport, name string, aad, blob []byte, read func() ([]byte, error), swap func(prev, next []byte) error) error {
 	for range resealTries {
 		pt, current, err := s.openAtRestKey(aad, blob)
@@ -103,6 +126,10 @@ func (s *Server) reseal(rep *ResealReport, name string, aad, blob []byte, read f
 		case current:
 			clear(pt)
 			rep.Current++
+			return nil
+		case swap == nil:
+			clear(pt)
+			rep.Previous++
 			return nil
 		}
 		next, err := s.sealAtRest(aad, pt)

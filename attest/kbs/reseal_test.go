@@ -62,6 +62,14 @@ func TestResealAfterRotation(t *testing.T) {
 		t.Fatal("a broker with the new key alone released a passphrase only the old key sealed, before the reseal")
 	}
 
+	// CheckSealed counts, and changes nothing.
+	chk, err := rot.srv.CheckSealed(ctx)
+	if err != nil || chk.Previous != 2 || chk.Current != 1 || chk.Resealed != 0 || !chk.Done() {
+		t.Fatalf("CheckSealed = %+v, %v; want 2 under the previous key, 1 current", chk, err)
+	}
+	if chk, _ := rot.srv.CheckSealed(ctx); chk.Previous != 2 {
+		t.Fatalf("CheckSealed changed the store: %+v", chk)
+	}
 	rep, err := rot.admin.Reseal(ctx)
 	if err != nil {
 		t.Fatal(err)

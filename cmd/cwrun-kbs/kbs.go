@@ -7,7 +7,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cwrun/cwrun/attest/kbs"
 	"github.com/cwrun/cwrun/attest/kbs/config"
+	"github.com/cwrun/cwrun/attest/kbs/store/sqlite"
 	"github.com/spf13/cobra"
 )
 
@@ -25,10 +27,11 @@ Trustee's KBS protocol 0.4.0 and krun's endpoints.
   cwrun kbs check                    look a broker's setup over without starting it
   cwrun kbs renew-tls                a new TLS certificate from the broker's CA, before init's ends
   cwrun kbs rotate-secrets           a new secrets key (then reseal, then --drop-previous)
+  cwrun kbs backup FILE              copy the SQLite store, beside a running broker
   cwrun kbs workload add ID ...      register a workload (admin API)`,
 	}
 	cmd.AddCommand(newKbsInitCmd(), newKbsServeCmd(g), newKbsCheckCmd(), newKbsRenewTLSCmd(),
-		newKbsRotateSecretsCmd(), newKbsResealCmd(),
+		newKbsRotateSecretsCmd(), newKbsResealCmd(), newKbsBackupCmd(), newKbsRestoreCmd(),
 		newKbsWorkloadCmd(), newKbsResourceCmd(), newKbsPolicyCmd())
 	return cmd
 }
@@ -301,4 +304,95 @@ The exit status is 1 when some record opens with no key the broker holds.`,
 	}
 	co.addFlags(cmd)
 	return cmd
+}
+
+func newKbsBackupCmd() *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "backup [flags] FILE",
+		Short: "Copy the broker's SQLite store to FILE, safe beside a running broker",
+		Long: `Copy the SQLite store that --config names to FILE, a new file of mode 0600:
+one consistent snapshot, taken beside a running broker without stopping it.
+The store holds the only copies of the disk passphrases registered with the
+broker; without a backup, a lost disk loses every sealed disk with it.
+
+The copy is checked: a SQLite integrity check, and every sealed passphrase and
+resource opened with the secrets key file (nothing is printed from them). The
+backup opens only with that key, and the key is useless without the backup:
+keep them in different places. A PostgreSQL store is backed up with
+PostgreSQL's own tools.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := config.Load(path)
+			if err != nil {
+				return err
+			}
+			res, err := c.Backup(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "backed up %s to %s (mode 0600): %s\n", res.Store, args[0], counts(res.Counts))
+			printSealed(w, res.Sealed, c.SecretsKey)
+			fmt.Fprintf(w, "keep the backup and %s in different places: each is useless without the other\n", c.SecretsKey)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&path, "config", filepath.Join(config.DefaultDir(), config.FileName), "the broker's config file")
+	return cmd
+}
+
+func newKbsRestoreCmd() *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "restore [flags] FILE",
+		Short: "Put a backup in place of the broker's SQLite store (the broker stopped)",
+		Long: `Replace the SQLite store that --config names with the backup FILE, while the
+broker is stopped (it refuses while one serves, and holds the broker's lock
+so that none starts meanwhile). The backup is checked first, and nothing
+changes unless every sealed passphrase and resource in it opens with the
+secrets key file: a backup from before a secrets key rotation needs the
+key it was sealed under, put after the first key in the file. The database
+it replaces is kept beside it (kbs.db.before-restore-TIME). FILE itself is
+not changed.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := config.Load(path)
+			if err != nil {
+				return err
+			}
+			res, err := c.Restore(cmd.Context(), args[0], time.Now())
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "restored %s into %s: %s\n", args[0], res.Store, counts(res.Counts))
+			printSealed(w, res.Sealed, c.SecretsKey)
+			if res.Aside != "" {
+				fmt.Fprintf(w, "the database it replaced is in %s\n", res.Aside)
+			}
+			fmt.Fprintf(w, "next: cwrun kbs serve --config %s\n", path)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&path, "config", filepath.Join(config.DefaultDir(), config.FileName), "the broker's config file")
+	return cmd
+}
+
+func counts(s sqlite.Summary) string {
+	return fmt.Sprintf("%d workload(s), %d resource(s), %d policy(ies)", s.Workloads, s.Resources, s.Policies)
+}
+
+// printSealed says which keys of the secrets key file open the sealed
+// records: what the backup will need.
+func printSealed(w io.Writer, r kbs.ResealReport, keyFile string) {
+	fmt.Fprintf(w, "its %d sealed secret(s) open with %s", r.Current+r.Previous+len(r.Unopened), keyFile)
+	switch {
+	case len(r.Unopened) > 0:
+		fmt.Fprintf(w, ", except %d: WARNING: no key in it opens %s\n", len(r.Unopened), strings.Join(r.Unopened, ", "))
+	case r.Previous > 0:
+		fmt.Fprintf(w, ", %d of them only with an earlier key in it (a rotation in progress): keep that key as long as this backup\n", r.Previous)
+	default:
+		fmt.Fprintf(w, " (key id %s)\n", r.KeyID)
+	}
 }
