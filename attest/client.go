@@ -47,6 +47,10 @@ type BrokerError struct {
 	// answer (cwrun's broker), "detail" (Trustee's ErrorInformation), or
 	// the start of the body, stripped of control characters.
 	Reason string
+	// StartAgain: the broker says a fresh handshake may succeed (its
+	// session or token went stale: an expiry, a restart, a rotated
+	// key). A denial never carries it.
+	StartAgain bool
 }
 
 func (e *BrokerError) Error() string {
@@ -311,7 +315,7 @@ func (s *session) do(ctx context.Context, step, path, method, u string, body []b
 	}
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
-		return nil, &BrokerError{Step: step, Path: path, Status: resp.StatusCode, Reason: reason(b)}
+		return nil, &BrokerError{Step: step, Path: path, Status: resp.StatusCode, Reason: reason(b), StartAgain: startAgain(b)}
 	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
 	if err != nil {
@@ -321,6 +325,14 @@ func (s *session) do(ctx context.Context, step, path, method, u string, body []b
 		return nil, fmt.Errorf("kbs %s: the broker's answer exceeds %d bytes", step, limit)
 	}
 	return b, nil
+}
+
+// startAgain reads cwrun's broker's start_again flag from an error body.
+func startAgain(b []byte) bool {
+	var e struct {
+		StartAgain bool `json:"start_again"`
+	}
+	return json.Unmarshal(b, &e) == nil && e.StartAgain
 }
 
 // reason extracts a broker's explanation from an error body.

@@ -92,14 +92,31 @@ func (b BrokerKey) Passphrase(ctx context.Context, _ *proto.Config, sc sealed.Co
 	// A broker that is busy (503: its queue of handshakes did not reach
 	// this one in time) or not answering (the relay's 503: down,
 	// restarting) is asked again, a fresh handshake each time, until the
-	// timeout. Nothing else is retried: a refusal is final.
-	for busy(err) {
-		if b.Stage != nil {
-			b.Stage("key: broker busy, asking again")
+	// timeout. So is one that says the handshake went stale under it
+	// (start_again: it restarted, or its keys were rotated, between two
+	// steps), a few times. Nothing else is retried: a refusal is final.
+	stale := 0
+	for {
+		var wait time.Duration
+		switch {
+		case busy(err):
+			wait = time.Second
+			if b.Stage != nil {
+				b.Stage("key: broker busy, asking again")
+			}
+		case startAgain(err) && stale < maxStaleHandshakes:
+			stale++
+			wait = 100 * time.Millisecond
+			if b.Stage != nil {
+				b.Stage("key: handshake went stale at the broker, starting again")
+			}
+		}
+		if wait == 0 {
+			break
 		}
 		select {
 		case <-ctx.Done():
-		case <-time.After(time.Second):
+		case <-time.After(wait):
 			pass, err = client.Resource(ctx, "cwrun/"+sc.WorkloadID+"/passphrase")
 			continue
 		}
@@ -109,6 +126,19 @@ func (b BrokerKey) Passphrase(ctx context.Context, _ *proto.Config, sc sealed.Co
 		return nil, fmt.Errorf("attested key release for workload %q (%s evidence): %w", sc.WorkloadID, att.Tee(), err)
 	}
 	return pass, nil
+}
+
+// maxStaleHandshakes bounds the fresh handshakes begun after a
+// start_again answer: one or two cover a restart or a key rotation;
+// more would mean brokers that never agree (replicas with different
+// keys), which retrying only hides.
+const maxStaleHandshakes = 3
+
+// startAgain says whether the broker answered that a fresh handshake
+// may succeed.
+func startAgain(err error) bool {
+	var be *attest.BrokerError
+	return errors.As(err, &be) && be.StartAgain
 }
 
 // busy says whether err is the broker's 503.

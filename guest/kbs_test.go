@@ -72,22 +72,28 @@ func TestStagedAttester(t *testing.T) {
 }
 
 // A busy broker (503) is asked again with a fresh handshake until the
-// timeout; a refusal is not.
+// timeout, a stale handshake (start_again) a few times; a refusal is
+// not.
 func TestBrokerKeyRetriesOnlyWhenBusy(t *testing.T) {
 	for _, tc := range []struct {
 		status    int
+		body      string
 		wantAuths int // at least
 		maxAuths  int
+		stage     string
 	}{
-		{http.StatusServiceUnavailable, 2, 10},
-		{http.StatusUnauthorized, 1, 1},
+		{http.StatusServiceUnavailable, `{"error":"no"}`, 2, 10, "key: broker busy, asking again"},
+		{http.StatusUnauthorized, `{"error":"no"}`, 1, 1, ""},
+		{http.StatusForbidden, `{"error":"measurement not among the registered"}`, 1, 1, ""},
+		// A stale session: a few fresh handshakes, then the error.
+		{http.StatusUnauthorized, `{"error":"session began before this broker restarted","start_again":true}`, 1 + maxStaleHandshakes, 1 + maxStaleHandshakes, "key: handshake went stale at the broker, starting again"},
 	} {
 		var auths atomic.Int32
 		ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			auths.Add(1)
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(tc.status)
-			_, _ = w.Write([]byte(`{"error":"no"}`))
+			_, _ = w.Write([]byte(tc.body))
 		}))
 		var stages []string
 		var mu sync.Mutex
@@ -107,9 +113,11 @@ func TestBrokerKeyRetriesOnlyWhenBusy(t *testing.T) {
 			t.Errorf("status %d: %d handshakes began, want %d to %d", tc.status, n, tc.wantAuths, tc.maxAuths)
 		}
 		mu.Lock()
-		retried := slices.Contains(stages, "key: broker busy, asking again")
+		retried := slices.Contains(stages, "key: broker busy, asking again") ||
+			slices.Contains(stages, "key: handshake went stale at the broker, starting again")
+		wantStage := tc.stage == "" || slices.Contains(stages, tc.stage)
 		mu.Unlock()
-		if retried != (tc.status == http.StatusServiceUnavailable) {
+		if retried != (tc.stage != "") || !wantStage {
 			t.Errorf("status %d: stages %q", tc.status, stages)
 		}
 	}

@@ -351,6 +351,19 @@ func wantError(t testing.TB, st int, body []byte, wantStatus int, wantMsg string
 	}
 }
 
+// wantStartAgain checks an error answer's start_again flag: set for a
+// handshake gone stale, never for a denial.
+func wantStartAgain(t testing.TB, body []byte, want bool) {
+	t.Helper()
+	var e errorBody
+	if err := json.Unmarshal(body, &e); err != nil {
+		t.Fatal(err)
+	}
+	if e.StartAgain != want {
+		t.Errorf("start_again = %v, want %v (%s)", e.StartAgain, want, body)
+	}
+}
+
 // hexOf makes a hex string of n digits from a seed character.
 func hexOf(c byte, n int) string { return strings.Repeat(string(c), n) }
 

@@ -344,6 +344,7 @@ func TestHandshakeFailures(t *testing.T) {
 		}
 		st, out = g.do(http.MethodPost, "/kbs/v0/attest", body)
 		wantError(t, st, out, http.StatusUnauthorized, "nonce already used")
+		wantStartAgain(t, out, true)
 	})
 	t.Run("replay with the first session's cookie", func(t *testing.T) {
 		g := b.guest(sample.NewAttester())
@@ -355,6 +356,7 @@ func TestHandshakeFailures(t *testing.T) {
 		st, out := doReq(t, b.ts.Client(), http.MethodPost, b.ts.URL+"/kbs/v0/attest", body,
 			"Cookie", cookies[0].Name+"="+cookies[0].Value)
 		wantError(t, st, out, http.StatusUnauthorized, "nonce already used")
+		wantStartAgain(t, out, true)
 	})
 	t.Run("expired session", func(t *testing.T) {
 		g := b.guest(sample.NewAttester())
@@ -363,6 +365,7 @@ func TestHandshakeFailures(t *testing.T) {
 		defer b.clock.Advance(-DefaultSessionTTL - time.Second)
 		st, out := g.do(http.MethodPost, "/kbs/v0/attest", g.attestBody(nonce, g.key.JWK, g.key.JWK))
 		wantError(t, st, out, http.StatusUnauthorized, "session expired")
+		wantStartAgain(t, out, true)
 	})
 	t.Run("evidence bound to another TEE key", func(t *testing.T) {
 		g := b.guest(sample.NewAttester())
@@ -375,6 +378,7 @@ func TestHandshakeFailures(t *testing.T) {
 		// swapping in its own key would do this.
 		st, out := g.do(http.MethodPost, "/kbs/v0/attest", g.attestBody(nonce, other.JWK, g.key.JWK))
 		wantError(t, st, out, http.StatusUnauthorized, "sample evidence rejected")
+		wantStartAgain(t, out, false) // a denial: a retry would repeat it
 	})
 	t.Run("nonce of another session", func(t *testing.T) {
 		g := b.guest(sample.NewAttester())
@@ -1051,6 +1055,7 @@ func TestSessionFromBeforeRestartRefused(t *testing.T) {
 	st, out := doReq(t, b2.ts.Client(), http.MethodPost, b2.ts.URL+"/kbs/v0/attest", body,
 		"Cookie", cookies[0].Name+"="+cookies[0].Value)
 	wantError(t, st, out, http.StatusUnauthorized, "session began before this broker restarted")
+	wantStartAgain(t, out, true)
 	if !strings.Contains(b2.logs.String(), "session began before the broker restarted") {
 		t.Errorf("the denial is not logged with its reason:\n%s", b2.logs.String())
 	}

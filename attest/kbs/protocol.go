@@ -101,7 +101,7 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 	if !now.Before(ss.Expires) {
 		s.metrics.handshake(ss.Tee, "expired")
 		s.deny(ctx, r, "session", "session expired", "", ss.Tee, false)
-		return errorf(http.StatusUnauthorized, "session expired at %s: start again at /kbs/v0/auth", ss.Expires.UTC().Format("15:04:05Z"))
+		return startAgain("session expired at %s: start again at /kbs/v0/auth", ss.Expires.UTC().Format("15:04:05Z"))
 	}
 	if ss.Epoch != s.epoch && s.epoch != 0 {
 		// The store keeps spent nonces in memory, and this session's
@@ -109,7 +109,7 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 		// it was answered since is unknown, so it never is again.
 		s.metrics.handshake(ss.Tee, "restarted")
 		s.deny(ctx, r, "session", "session began before the broker restarted", "", ss.Tee, false)
-		return errorf(http.StatusUnauthorized, "session began before this broker restarted (it keeps spent nonces in memory, so it answers no earlier session): start again at /kbs/v0/auth")
+		return startAgain("session began before this broker restarted (it keeps spent nonces in memory, so it answers no earlier session): start again at /kbs/v0/auth")
 	}
 	if s.admit != nil {
 		// A refused handshake is over.
@@ -160,7 +160,7 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request, _ []string
 		if errors.Is(err, store.ErrReplay) {
 			s.metrics.handshake(ss.Tee, "replay")
 			s.deny(ctx, r, "replay", "nonce already used", "", ss.Tee, false)
-			return errorf(http.StatusUnauthorized, "nonce already used: this challenge was answered before; start again at /kbs/v0/auth")
+			return startAgain("nonce already used: this challenge was answered before; start again at /kbs/v0/auth")
 		}
 		return storeErr("use nonce", err)
 	}
@@ -241,7 +241,7 @@ func (s *Server) tokenFrom(r *http.Request) (c *tokenView, payload []byte, nonce
 			return nil, nil, "", errorf(http.StatusUnauthorized, "no attestation token: send Authorization: Bearer <token> or the session cookie from /kbs/v0/attest")
 		}
 		if ss.Token == "" {
-			return nil, nil, "", errorf(http.StatusUnauthorized, "session has not attested yet: POST /kbs/v0/attest first")
+			return nil, nil, "", startAgain("session has not attested yet: POST /kbs/v0/attest first")
 		}
 		tok, sealed, nonce = ss.Token, true, ss.Nonce
 	}
@@ -252,7 +252,7 @@ func (s *Server) tokenFrom(r *http.Request) (c *tokenView, payload []byte, nonce
 	c, payload, err = s.token.check(tok, s.now(), !sealed)
 	if err != nil {
 		s.deny(r.Context(), r, "token", err.Error(), "", "", false)
-		return nil, nil, nonce, errorf(http.StatusUnauthorized, "attestation token refused: %v", err)
+		return nil, nil, nonce, startAgain("attestation token refused: %v", err)
 	}
 	return c, payload, nonce, nil
 }

@@ -211,12 +211,24 @@ type apiError struct {
 	status int
 	msg    string
 	check  string
+	// again: the handshake's state is gone or stale, not refused (an
+	// expired session, a restart, a rotated key); a fresh handshake
+	// from /auth may succeed, and the answer says so (start_again).
+	again bool
 }
 
 func (e *apiError) Error() string { return e.msg }
 
 func errorf(status int, format string, args ...any) *apiError {
 	return &apiError{status: status, msg: fmt.Sprintf(format, args...)}
+}
+
+// startAgain is a 401 for a session or token that no longer holds,
+// which a fresh handshake replaces.
+func startAgain(format string, args ...any) *apiError {
+	e := errorf(http.StatusUnauthorized, format, args...)
+	e.again = true
+	return e
 }
 
 func badRequest(format string, args ...any) *apiError {
@@ -354,7 +366,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, route string
 			slog.String("route", route), slog.String("remote", r.RemoteAddr), slog.String("error", err.Error()))
 		ae = &apiError{status: http.StatusInternalServerError, msg: "the broker failed to answer (" + internalHint(err) + "); see its log"}
 	}
-	writeJSON(w, ae.status, errorBody{Error: ae.msg})
+	writeJSON(w, ae.status, errorBody{Error: ae.msg, StartAgain: ae.again})
 }
 
 // internalHint names the broken part without the detail, which may
@@ -381,6 +393,10 @@ func storeErr(op string, err error) error { return &storeError{op: op, err: err}
 
 type errorBody struct {
 	Error string `json:"error"`
+	// StartAgain tells a client that a fresh handshake may succeed
+	// where this one could not (cwrun's guests start one); absent for
+	// denials, which a retry would only repeat.
+	StartAgain bool `json:"start_again,omitempty"`
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -145,11 +145,11 @@ func parseSession(pt []byte) (session, error) {
 func (s *Server) sessionFrom(r *http.Request) (session, error) {
 	c, err := r.Cookie(CookieName)
 	if err != nil {
-		return session{}, errorf(http.StatusUnauthorized, "no %s cookie: start the handshake at /kbs/v0/auth", CookieName)
+		return session{}, startAgain("no %s cookie: start the handshake at /kbs/v0/auth", CookieName)
 	}
 	ss, err := s.openSession(c.Value)
 	if err != nil {
-		return session{}, errorf(http.StatusUnauthorized, "%v: start the handshake again at /kbs/v0/auth", err)
+		return session{}, startAgain("%v: start the handshake again at /kbs/v0/auth", err)
 	}
 	return ss, nil
 }
