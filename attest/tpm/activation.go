@@ -276,7 +276,25 @@ var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
 // credentialSecret binds the activation to this handshake (nonce), this
 // EK certificate and this AK.
 func (v *verifier) credentialSecret(nonce string, ekDER, akSPKI []byte) []byte {
-	m := hmac.New(sha256.New, v.opts.CredentialKey)
+	return credentialSecret(v.opts.CredentialKey, nonce, ekDER, akSPKI)
+}
+
+// activated says whether got is the credential secret of this
+// handshake under the credential key or an earlier one.
+func (v *verifier) activated(got []byte, nonce string, ekDER, akSPKI []byte) bool {
+	if hmac.Equal(got, v.credentialSecret(nonce, ekDER, akSPKI)) {
+		return true
+	}
+	for _, k := range v.opts.PreviousCredentialKeys {
+		if hmac.Equal(got, credentialSecret(k, nonce, ekDER, akSPKI)) {
+			return true
+		}
+	}
+	return false
+}
+
+func credentialSecret(key []byte, nonce string, ekDER, akSPKI []byte) []byte {
+	m := hmac.New(sha256.New, key)
 	m.Write([]byte(credentialLabel))
 	m.Write([]byte(nonce))
 	m.Write([]byte{0})
@@ -418,7 +436,7 @@ func (v *verifier) VerifySession(ctx context.Context, raw json.RawMessage, repor
 	if err != nil {
 		return nil, deny("%v", err)
 	}
-	if !hmac.Equal(got, v.credentialSecret(nonce, ekDER, spki)) {
+	if !v.activated(got, nonce, ekDER, spki) {
 		return nil, deny("the activated credential is not this handshake's for this EK and AK: the AK was not shown to live in the TPM of that EK certificate (or the evidence is replayed)")
 	}
 	claims.Values["ek_ca"] = hex.EncodeToString(anchor[:])

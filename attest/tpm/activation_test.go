@@ -115,6 +115,30 @@ func TestCredentialActivation(t *testing.T) {
 			t.Fatal("a credential of another broker key passed")
 		}
 	})
+	t.Run("rotated broker key", func(t *testing.T) {
+		// A credential a replica not yet rotated issued, answered at one
+		// that was: accepted under the earlier key, and only there.
+		rotated, _ := NewVerifier(Options{EKCAs: []*x509.Certificate{ca.Cert}, CredentialKey: bytes.Repeat([]byte{3}, 32),
+			PreviousCredentialKeys: [][]byte{key}})
+		params, _ := a.AuthParams(context.Background())
+		extra, _ := json.Marshal(params)
+		ch, err := v.Challenge(context.Background(), "n4", extra)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := a.TakeChallenge(context.Background(), ch); err != nil {
+			t.Fatal(err)
+		}
+		rd := bytes.Repeat([]byte{7}, ReportDataLen)
+		ev, _ := a.Evidence(context.Background(), rd)
+		if _, err := rotated.(*verifier).VerifySession(context.Background(), ev, rd, "n4"); err != nil {
+			t.Fatalf("a credential under the previous key: %v", err)
+		}
+		fresh, _ := NewVerifier(Options{EKCAs: []*x509.Certificate{ca.Cert}, CredentialKey: bytes.Repeat([]byte{3}, 32)})
+		if _, err := fresh.(*verifier).VerifySession(context.Background(), ev, rd, "n4"); err == nil {
+			t.Fatal("a credential under a key the verifier does not hold passed")
+		}
+	})
 	t.Run("swapped AK", func(t *testing.T) {
 		// The credential activated for the TPM's AK, but a quote by a
 		// key of the host's own: the AK in the evidence is not the one

@@ -82,6 +82,10 @@ type Options struct {
 	// credentials' secrets are derived per handshake; every replica of
 	// a broker must hold the same. Needed with EKCAs.
 	CredentialKey []byte
+	// PreviousCredentialKeys are earlier credential keys (a secrets key
+	// rotation in progress): a credential that a replica not yet rotated
+	// issued still activates. Challenges use CredentialKey.
+	PreviousCredentialKeys [][]byte
 }
 
 type verifier struct {

@@ -278,6 +278,11 @@ func (c *Config) Validate() error {
 				}
 			} else {
 				k.prevCookie, k.prevAtRest = append(k.prevCookie, cookie), append(k.prevAtRest, atRest)
+				cred, err := hkdf.Key(sha256.New, secret, nil, tpmCredentialLabel, 32)
+				if err != nil {
+					bad("secrets_key", err)
+				}
+				k.prevTpmCredential = append(k.prevTpmCredential, cred)
 			}
 			clear(secret)
 		}
@@ -375,10 +380,11 @@ func checkDirOrAbsent(p string) error {
 type keys struct {
 	token          *ecdsa.PrivateKey
 	cookie, atRest []byte
-	// prevCookie and prevAtRest come from secrets_key's later keys.
-	prevCookie, prevAtRest [][]byte
-	tpmCredential          []byte
-	admin                  []crypto.PublicKey
+	// prevCookie, prevAtRest and prevTpmCredential come from
+	// secrets_key's later keys.
+	prevCookie, prevAtRest, prevTpmCredential [][]byte
+	tpmCredential                             []byte
+	admin                                     []crypto.PublicKey
 }
 
 // HKDF labels: distinct so that the cookie key and the at-rest key are

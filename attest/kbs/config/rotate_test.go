@@ -50,7 +50,8 @@ func TestRotateSecrets(t *testing.T) {
 		t.Errorf("after the rotation: %+v", sf)
 	}
 	if bytes.Equal(k.atRest, before.keys.atRest) || len(k.prevAtRest) != 1 || !bytes.Equal(k.prevAtRest[0], before.keys.atRest) ||
-		len(k.prevCookie) != 1 || !bytes.Equal(k.prevCookie[0], before.keys.cookie) {
+		len(k.prevCookie) != 1 || !bytes.Equal(k.prevCookie[0], before.keys.cookie) ||
+		len(k.prevTpmCredential) != 1 || !bytes.Equal(k.prevTpmCredential[0], before.keys.tpmCredential) {
 		t.Error("Load does not give the new key first and the old one as previous")
 	}
 	o, closer, err := after.Options(context.Background(), nil, nil)

@@ -52,7 +52,7 @@ func (c *Config) tpmVerifier() (attest.Verifier, error) {
 		if c.keys == nil || len(c.keys.tpmCredential) == 0 {
 			return nil, errors.New("tpm.ek_ca: no credential key (secrets_key was not read)")
 		}
-		o.EKCAs, o.CredentialKey = cas, c.keys.tpmCredential
+		o.EKCAs, o.CredentialKey, o.PreviousCredentialKeys = cas, c.keys.tpmCredential, c.keys.prevTpmCredential
 	}
 	return tpm.NewVerifier(o)
 }
