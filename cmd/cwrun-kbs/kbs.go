@@ -100,6 +100,7 @@ func newKbsRenewTLSCmd() *cobra.Command {
 		dir   string
 		hosts []string
 		newCA bool
+		caKey string
 	)
 	cmd := &cobra.Command{
 		Use:   "renew-tls [flags]",
@@ -116,7 +117,7 @@ when the CA ends within 30 days, or with --new-ca. A certificate another CA
 issued is refused unless --new-ca: renew it with that CA.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := config.RenewTLS(dir, hosts, newCA)
+			r, err := config.RenewTLS(dir, config.RenewOptions{Hosts: hosts, NewCA: newCA, CAKey: caKey})
 			if err != nil {
 				return err
 			}
@@ -139,6 +140,7 @@ issued is refused unless --new-ca: renew it with that CA.`,
 	f.StringVar(&dir, "dir", config.DefaultDir(), "the folder init wrote")
 	f.StringArrayVar(&hosts, "host", nil, "extra DNS name or IP address for the certificate (repeatable)")
 	f.BoolVar(&newCA, "new-ca", false, "make a new CA too (its clients then need the new ca.crt)")
+	f.StringVar(&caKey, "ca-key", "", "the CA's key, where it is kept between renewals (default: ca.key in --dir; a new CA's key is written there)")
 	return cmd
 }
 

@@ -27,9 +27,19 @@ type Renewal struct {
 // soon need renewing again.
 const caRenewMargin = 30 * 24 * time.Hour
 
+// RenewOptions are RenewTLS's choices.
+type RenewOptions struct {
+	Hosts []string // names and addresses to add to the certificate's
+	NewCA bool     // make a new CA even when the current one could issue
+	// CAKey is the CA's key file, for a key kept away from the config
+	// folder between renewals; "" is the folder's ca.key. A new CA's key
+	// is written there too.
+	CAKey string
+}
+
 // RenewTLS issues the broker a new TLS pair in dir (a new key,
 // CertValidity from now) for the same names and addresses plus
-// extraHosts, from dir's CA (ca.crt, ca.key): clients that trust the CA
+// o.Hosts, from dir's CA (ca.crt, and ca.key or o.CAKey): clients that trust the CA
 // (or were given init's tls.crt, which carries it) need nothing new.
 // Each file is written beside itself and renamed over the old one, so
 // that a running broker (which reads the pair again when it changes)
@@ -40,7 +50,12 @@ const caRenewMargin = 30 * 24 * time.Hour
 // caRenewMargin, or when newCA is set. A certificate that another CA
 // issued is refused unless newCA is set: renewing it is that CA's job,
 // and one from ours would break every client that trusts only that CA.
-func RenewTLS(dir string, extraHosts []string, newCA bool) (*Renewal, error) {
+func RenewTLS(dir string, o RenewOptions) (*Renewal, error) {
+	extraHosts, newCA := o.Hosts, o.NewCA
+	caKeyFile := o.CAKey
+	if caKeyFile == "" {
+		caKeyFile = filepath.Join(dir, CAKeyFile)
+	}
 	certFile, keyFile := filepath.Join(dir, TLSCertFile), filepath.Join(dir, TLSKeyFile)
 	if _, err := os.Stat(certFile); err != nil {
 		return nil, fmt.Errorf("renew TLS: %w (run cwrun kbs init first)", err)
@@ -56,7 +71,7 @@ func RenewTLS(dir string, extraHosts []string, newCA bool) (*Renewal, error) {
 	if !newCA && !selfSigned {
 		// The CA's files are read only when it is to issue: a new one
 		// replaces them whatever they hold.
-		ca, err = loadAuthority(dir)
+		ca, err = loadAuthority(dir, caKeyFile)
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("renew TLS: %w (pass --new-ca to replace the CA)", err)
 		}
@@ -107,7 +122,7 @@ func RenewTLS(dir string, extraHosts []string, newCA bool) (*Renewal, error) {
 		if err != nil {
 			return nil, fmt.Errorf("renew TLS: %w", err)
 		}
-		err = replaceFile(filepath.Join(dir, CAKeyFile), caKeyPEM, 0o600)
+		err = replaceFile(caKeyFile, caKeyPEM, 0o600)
 		clear(caKeyPEM)
 		if err == nil {
 			err = replaceFile(filepath.Join(dir, CACertFile), caPEM, 0o644)

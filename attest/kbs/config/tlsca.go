@@ -75,10 +75,10 @@ func (a *authority) files() (certPEM, keyPEM []byte, err error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.cert.Raw}), keyPEM, nil
 }
 
-// loadAuthority reads dir's ca.crt and ca.key; an error wrapping
-// fs.ErrNotExist when there is no ca.crt.
-func loadAuthority(dir string) (*authority, error) {
-	certFile, keyFile := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
+// loadAuthority reads dir's ca.crt and its key from keyFile; an error
+// wrapping fs.ErrNotExist when there is no ca.crt.
+func loadAuthority(dir, keyFile string) (*authority, error) {
+	certFile := filepath.Join(dir, CACertFile)
 	certs, err := readCerts(certFile)
 	if err != nil {
 		return nil, err
@@ -89,7 +89,7 @@ func loadAuthority(dir string) (*authority, error) {
 	}
 	if _, err := os.Stat(keyFile); err != nil {
 		// Not fs.ErrNotExist: a CA without its key is not "no CA".
-		return nil, fmt.Errorf("the key of %s: %v (put it back from where it is kept)", certFile, err)
+		return nil, fmt.Errorf("the key of %s: %v (put it back from where it is kept, or name it with --ca-key)", certFile, err)
 	}
 	k, err := ReadPrivateKey(keyFile)
 	if err != nil {

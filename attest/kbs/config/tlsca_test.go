@@ -61,7 +61,7 @@ func fileMode(t *testing.T, path string) os.FileMode {
 
 func TestInitMakesCA(t *testing.T) {
 	dir := initDir(t, InitOptions{Listen: "127.0.0.1:0", Hosts: []string{"kbs.example"}})
-	ca, err := loadAuthority(dir)
+	ca, err := loadAuthority(dir, filepath.Join(dir, CAKeyFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +98,7 @@ func TestRenewTLS(t *testing.T) {
 	caBefore, _ := os.ReadFile(caFile)
 	oldLeaf, _ := served(t, dir)
 
-	r, err := RenewTLS(dir, []string{"192.0.2.9"}, false)
+	r, err := RenewTLS(dir, RenewOptions{Hosts: []string{"192.0.2.9"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestRenewTLS(t *testing.T) {
 	}
 
 	// --new-ca: the old trust no longer holds, the new ca.crt does.
-	r, err = RenewTLS(dir, nil, true)
+	r, err = RenewTLS(dir, RenewOptions{NewCA: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +152,7 @@ func TestRenewTLS(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(dir, "*.new")); len(left) > 0 {
 		t.Errorf("left behind: %v", left)
 	}
-	if _, err := RenewTLS(t.TempDir(), nil, false); err == nil || !strings.Contains(err.Error(), "kbs init") {
+	if _, err := RenewTLS(t.TempDir(), RenewOptions{}); err == nil || !strings.Contains(err.Error(), "kbs init") {
 		t.Errorf("no certificate at all: %v", err)
 	}
 }
@@ -165,7 +165,7 @@ func TestRenewTLSSelfSigned(t *testing.T) {
 	os.Remove(filepath.Join(dir, CAKeyFile))
 	writePair(t, filepath.Join(dir, TLSCertFile), filepath.Join(dir, TLSKeyFile))
 	old := pool(t, filepath.Join(dir, TLSCertFile))
-	r, err := RenewTLS(dir, nil, false)
+	r, err := RenewTLS(dir, RenewOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +179,7 @@ func TestRenewTLSSelfSigned(t *testing.T) {
 		t.Error("the old self-signed certificate vouches for the new one")
 	}
 	// From now on, renewals keep the CA.
-	if r, err := RenewTLS(dir, nil, false); err != nil || r.NewCA {
+	if r, err := RenewTLS(dir, RenewOptions{}); err != nil || r.NewCA {
 		t.Errorf("second renewal: new CA %v, %v", r != nil && r.NewCA, err)
 	}
 }
@@ -199,13 +199,13 @@ func TestRenewTLSForeignIssuer(t *testing.T) {
 	certFile := filepath.Join(dir, TLSCertFile)
 	os.WriteFile(certFile, certPEM, 0o644)
 	os.WriteFile(filepath.Join(dir, TLSKeyFile), keyPEM, 0o600)
-	if _, err := RenewTLS(dir, nil, false); err == nil || !strings.Contains(err.Error(), "have that CA renew it") {
+	if _, err := RenewTLS(dir, RenewOptions{}); err == nil || !strings.Contains(err.Error(), "have that CA renew it") {
 		t.Errorf("a certificate from another CA: %v", err)
 	}
 	if now, _ := os.ReadFile(certFile); !bytes.Equal(now, certPEM) {
 		t.Error("a refused renewal changed the certificate")
 	}
-	r, err := RenewTLS(dir, nil, true)
+	r, err := RenewTLS(dir, RenewOptions{NewCA: true})
 	if err != nil || !r.NewCA {
 		t.Fatalf("--new-ca: new CA %v, %v", r != nil && r.NewCA, err)
 	}
@@ -238,10 +238,10 @@ func TestRenewTLSEndingCA(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := RenewTLS(dir, nil, false); err == nil || !strings.Contains(err.Error(), "--new-ca") {
+	if _, err := RenewTLS(dir, RenewOptions{}); err == nil || !strings.Contains(err.Error(), "--new-ca") {
 		t.Errorf("renewal from an ending CA: %v", err)
 	}
-	if r, err := RenewTLS(dir, nil, true); err != nil || time.Until(r.Cert.NotAfter) < CertValidity-time.Hour {
+	if r, err := RenewTLS(dir, RenewOptions{NewCA: true}); err != nil || time.Until(r.Cert.NotAfter) < CertValidity-time.Hour {
 		t.Errorf("--new-ca from an ending CA: %v", err)
 	}
 }
@@ -259,20 +259,44 @@ func TestRenewTLSMismatchedCAKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.WriteFile(filepath.Join(dir, CAKeyFile), keyPEM, 0o600)
-	if _, err := RenewTLS(dir, nil, false); err == nil || !strings.Contains(err.Error(), "is not the key of") {
+	if _, err := RenewTLS(dir, RenewOptions{}); err == nil || !strings.Contains(err.Error(), "is not the key of") {
 		t.Errorf("mismatched CA key: %v", err)
 	}
-	if _, err := RenewTLS(dir, nil, true); err != nil {
+	if _, err := RenewTLS(dir, RenewOptions{NewCA: true}); err != nil {
 		t.Errorf("--new-ca over a mismatched CA key: %v", err)
 	}
 }
 
-// The CA's key may be kept offline between renewals; a renewal without
-// it says to put it back.
+// The CA's key may be kept offline between renewals: a renewal without
+// it says to put it back or name it; one given CAKey uses it there, and
+// a new CA's key goes there too, never into the config folder.
 func TestRenewTLSCAKeyAway(t *testing.T) {
 	dir := initDir(t, InitOptions{Listen: "127.0.0.1:0"})
-	os.Remove(filepath.Join(dir, CAKeyFile))
-	if _, err := RenewTLS(dir, nil, false); err == nil || !strings.Contains(err.Error(), "put it back") {
+	away := filepath.Join(t.TempDir(), "kbs-ca.key")
+	if err := os.Rename(filepath.Join(dir, CAKeyFile), away); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := RenewTLS(dir, RenewOptions{}); err == nil || !strings.Contains(err.Error(), "put it back") || !strings.Contains(err.Error(), "--ca-key") {
 		t.Errorf("renewal without ca.key: %v", err)
+	}
+	before, _ := os.ReadFile(filepath.Join(dir, CACertFile))
+	r, err := RenewTLS(dir, RenewOptions{CAKey: away})
+	if err != nil || r.NewCA {
+		t.Fatalf("renewal with the CA key away: %+v, %v", r, err)
+	}
+	if after, _ := os.ReadFile(filepath.Join(dir, CACertFile)); string(after) != string(before) {
+		t.Error("a renewal with the CA key away changed ca.crt")
+	}
+	if _, err := RenewTLS(dir, RenewOptions{CAKey: away, NewCA: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, CAKeyFile)); !os.IsNotExist(err) {
+		t.Errorf("a new CA's key was written into the config folder: %v", err)
+	}
+	if _, err := loadAuthority(dir, away); err != nil {
+		t.Fatalf("the new CA's key is not where --ca-key names: %v", err)
+	}
+	if fi, _ := os.Stat(away); fi.Mode().Perm() != 0o600 {
+		t.Errorf("the new CA key has mode %v", fi.Mode().Perm())
 	}
 }
