@@ -440,6 +440,16 @@ func TestKbsAdminVerbs(t *testing.T) {
 	if e := b.failCLI(t, "kbs", "resource", "get", "default/key/none"); !strings.Contains(e, "default/key/none") {
 		t.Errorf("get of a missing resource: %q", e)
 	}
+	if got := b.mustCLI(t, "kbs", "resource", "list"); got != "default/key/one\ndefault/key/two\n" {
+		t.Errorf("resource list: %q", got)
+	}
+	b.mustCLI(t, "kbs", "resource", "rm", "default/key/one")
+	if got := b.mustCLI(t, "kbs", "resource", "list"); got != "default/key/two\n" {
+		t.Errorf("resource list after rm: %q", got)
+	}
+	if e := b.failCLI(t, "kbs", "resource", "rm", "default/key/one"); !strings.Contains(e, "default/key/one") {
+		t.Errorf("rm of a missing resource: %q", e)
+	}
 
 	// Policies round-trip; a broken one is refused with the reason.
 	pol := filepath.Join(work, "policy.rego")

@@ -291,6 +291,17 @@ func (s *Server) handleSetResource(w http.ResponseWriter, r *http.Request, p []s
 	return nil
 }
 
+// handleAdminResources lists the stored resources' paths (never their
+// contents).
+func (s *Server) handleAdminResources(w http.ResponseWriter, r *http.Request, _ []string) error {
+	paths, err := s.store.ResourcePaths(r.Context())
+	if err != nil {
+		return storeErr("list resources", err)
+	}
+	writeJSON(w, http.StatusOK, paths)
+	return nil
+}
+
 func (s *Server) handleAdminResource(w http.ResponseWriter, r *http.Request, p []string) error {
 	if err := checkResourcePath(p); err != nil {
 		return err

@@ -83,6 +83,8 @@ const DefaultGCPercent = 400
 //	DELETE /kbs/v0/admin/workloads/{id}       → 204
 //	POST   /kbs/v0/resource/{repo}/{type}/{tag}   raw bytes → 200 (Trustee's admin call)
 //	GET    /kbs/v0/admin/resource/{repo}/{type}/{tag} → raw bytes
+//	DELETE /kbs/v0/admin/resource/{repo}/{type}/{tag} → 204
+//	GET    /kbs/v0/admin/resources            → ["repo/type/tag", ...] (paths only, sorted)
 //	POST   /kbs/v0/resource-policy            {"policy":"<base64url Rego>"} → 200 (Trustee's shape)
 //	GET    /kbs/v0/resource-policy            → {"policy":"<base64url Rego>"}
 //	POST   /kbs/v0/admin/reseal               → ResealReport (every secret onto the current at-rest key)

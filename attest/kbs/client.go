@@ -120,6 +120,13 @@ func (c *AdminClient) Resource(ctx context.Context, path string) ([]byte, error)
 	return c.do(ctx, http.MethodGet, "/kbs/v0/admin/resource/"+p, "", nil)
 }
 
+// ResourcePaths lists the stored resources' paths, sorted.
+func (c *AdminClient) ResourcePaths(ctx context.Context) ([]string, error) {
+	var out []string
+	err := c.doJSON(ctx, http.MethodGet, "/kbs/v0/admin/resources", nil, &out)
+	return out, err
+}
+
 // DeleteResource removes the resource at path "repo/type/tag".
 func (c *AdminClient) DeleteResource(ctx context.Context, path string) error {
 	p, err := clientResourcePath(path)

@@ -206,6 +206,7 @@ func FuzzRoute(f *testing.F) {
 		{"GET", "/kbs/v0/resource/a/b/c"}, {"POST", "/kbs/v0/resource/a/b/c"}, {"GET", "/kbs/v0/key/x"},
 		{"DELETE", "/kbs/v0/admin/workloads/x"}, {"PUT", "/kbs/v0/admin/workloads/"}, {"GET", "/kbs/v0/admin/resource/a/b/c"},
 		{"GET", "/kbs/v0/resource/%2e%2e/b/c"}, {"GET", "/healthz"}, {"PATCH", "/kbs/v0/auth"},
+		{"POST", "/kbs/v0/admin/reseal"}, {"GET", "/kbs/v0/admin/resources"}, {"DELETE", "/kbs/v0/admin/resources"},
 	} {
 		f.Add(s[0], s[1])
 	}

@@ -192,14 +192,31 @@ func TestReplaceKeepsPassphraseUnderCurrentKey(t *testing.T) {
 	}
 }
 
-func TestResealNeedsAdmin(t *testing.T) {
+// The admin routes added for rotation and listing refuse a caller
+// without an admin token, and answer one with it.
+func TestResealAndResourceListNeedAdmin(t *testing.T) {
+	ctx := context.Background()
 	b := newBroker(t)
-	resp, err := b.ts.Client().Post(b.ts.URL+"/kbs/v0/admin/reseal", "application/json", nil)
-	if err != nil {
-		t.Fatal(err)
+	for _, c := range []struct{ method, path string }{
+		{http.MethodPost, "/kbs/v0/admin/reseal"},
+		{http.MethodGet, "/kbs/v0/admin/resources"},
+	} {
+		req, _ := http.NewRequest(c.method, b.ts.URL+c.path, nil)
+		resp, err := b.ts.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("%s %s without an admin token: %d, want 401", c.method, c.path, resp.StatusCode)
+		}
 	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusUnauthorized {
-		t.Errorf("reseal without an admin token: %d, want 401", resp.StatusCode)
+	if paths, err := b.admin.ResourcePaths(ctx); err != nil || len(paths) != 0 {
+		t.Errorf("ResourcePaths of an empty broker = %q, %v", paths, err)
+	}
+	b.admin.SetResource(ctx, "r/t/b", []byte("secret-b"))
+	b.admin.SetResource(ctx, "r/t/a", []byte("secret-a"))
+	if paths, err := b.admin.ResourcePaths(ctx); err != nil || strings.Join(paths, ",") != "r/t/a,r/t/b" {
+		t.Errorf("ResourcePaths = %q, %v", paths, err)
 	}
 }

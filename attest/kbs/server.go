@@ -288,7 +288,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // routes are the broker's endpoints, made once in New.
 type routes struct {
 	healthz, metrics, auth, attest, resourcePolicy, register, workloads,
-	resource, adminResource, workload, key, reseal route
+	resource, adminResource, adminResources, workload, key, reseal route
 }
 
 func (s *Server) makeRoutes() {
@@ -303,6 +303,7 @@ func (s *Server) makeRoutes() {
 		workloads:      route{"admin_workloads", []string{get, post}, s.adminOnly(s.handleWorkloads)},
 		resource:       route{"resource", []string{get, post}, s.handleResource},
 		adminResource:  route{"admin_resource", []string{get, del}, s.adminOnly(s.handleAdminResource)},
+		adminResources: route{"admin_resources", []string{get}, s.adminOnly(s.handleAdminResources)},
 		workload:       route{"admin_workload", []string{get, put, del}, s.adminOnly(s.handleWorkload)},
 		key:            route{"key", []string{get, post}, s.handleKey},
 		reseal:         route{"admin_reseal", []string{post}, s.adminOnly(s.handleReseal)},
@@ -334,6 +335,8 @@ func (s *Server) match(path string) (*route, []string) {
 		return &rs.workloads, nil
 	case "admin/reseal":
 		return &rs.reseal, nil
+	case "admin/resources":
+		return &rs.adminResources, nil
 	}
 	if p, ok := strings.CutPrefix(rest, "resource/"); ok {
 		if segs := strings.Split(p, "/"); len(segs) == 3 {

@@ -366,7 +366,7 @@ func newKbsResourceCmd() *cobra.Command {
 	o := &kbsClientOpts{}
 	cmd := &cobra.Command{
 		Use:   "resource",
-		Short: "Set and get the broker's resources (repo/type/tag)",
+		Short: "Set, get, list and remove the broker's resources (repo/type/tag)",
 		Long: `Resources are secrets the broker releases at /kbs/v0/resource/REPO/TYPE/TAG
 to guests its resource policy allows. They are sealed at rest.`,
 	}
@@ -415,7 +415,46 @@ to guests its resource policy allows. They are sealed at rest.`,
 			return nil
 		},
 	}
-	cmd.AddCommand(set, get)
+	list := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List the stored resources' paths (never their contents)",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			paths, err := c.ResourcePaths(cmd.Context())
+			if err != nil {
+				return fmt.Errorf("listing resources: %w", adminHint(err))
+			}
+			for _, p := range paths {
+				fmt.Fprintln(cmd.OutOrStdout(), p)
+			}
+			return nil
+		},
+	}
+	rm := &cobra.Command{
+		Use:     "rm PATH...",
+		Aliases: []string{"remove", "delete"},
+		Short:   "Remove resources: they are no longer released",
+		Args:    cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			for _, p := range args {
+				if err := c.DeleteResource(cmd.Context(), p); err != nil {
+					return fmt.Errorf("removing resource %s: %w", p, adminHint(err))
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "removed resource %s\n", p)
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(set, get, list, rm)
 	return cmd
 }
 
