@@ -25,13 +25,14 @@ set -euo pipefail
 #   time: GNU time, for the benchmark's peak memory
 #   dosfstools, mtools: cwrun's cloud-init seeds (run --disk --cloud-init), the test disk's ESP
 #   systemd-boot-efi, binutils: the test disk's unified kernel image (stub + objcopy)
+#   systemd: systemd-analyze, which checks the broker's unit files in contrib/
 packages=(
 	e2fsprogs cryptsetup-bin python3 python3-cryptography busybox-static
 	podman skopeo uidmap fuse-overlayfs iptables nftables iproute2
 	qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools
 	docker-registry debootstrap cpio time ca-certificates
 	postgresql tpm2-tools
-	dosfstools mtools systemd-boot-efi binutils
+	dosfstools mtools systemd-boot-efi binutils systemd
 )
 
 missing=()

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -901,5 +902,54 @@ func TestKbsBackupRestore(t *testing.T) {
 	}
 	if fi, err := os.Stat(aside[0]); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("the kept database: %v, %v", fi, err)
+	}
+}
+
+// Under systemd (Type=notify) the broker says READY=1 once it listens,
+// with its address, and STOPPING=1 when told to stop.
+func TestKbsServeNotifiesSystemd(t *testing.T) {
+	dir := kbsInit(t)
+	sock := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	cmd := exec.Command(cwrunBin, "kbs", "serve", "--config", filepath.Join(dir, config.FileName), "--listen", "127.0.0.1:0", "--tees", "sample")
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	msg := func() string {
+		t.Helper()
+		conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		buf := make([]byte, 1024)
+		n, err := conn.Read(buf)
+		if err != nil {
+			t.Fatalf("no sd_notify message: %v\nbroker:\n%s", err, stderr.String())
+		}
+		return string(buf[:n])
+	}
+	ready := msg()
+	if !strings.HasPrefix(ready, "READY=1\nSTATUS=serving on 127.0.0.1:") {
+		t.Fatalf("first message %q, want READY=1 with the address", ready)
+	}
+	// READY comes once it listens: a client is answered at once.
+	addr := strings.TrimPrefix(ready, "READY=1\nSTATUS=serving on ")
+	hc := clientTrusting(t, filepath.Join(dir, config.CACertFile))
+	resp, err := hc.Get("https://" + strings.Replace(addr, "127.0.0.1", "localhost", 1) + "/healthz")
+	if err != nil {
+		t.Fatalf("the broker said READY but does not answer: %v", err)
+	}
+	resp.Body.Close()
+	cmd.Process.Signal(syscall.SIGTERM)
+	if got := msg(); got != "STOPPING=1" {
+		t.Errorf("on SIGTERM: %q, want STOPPING=1", got)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("the broker's exit after SIGTERM: %v\n%s", err, stderr.String())
 	}
 }

@@ -3,11 +3,13 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime/debug"
 
 	"github.com/cwrun/cwrun/attest/kbs/config"
+	"github.com/cwrun/cwrun/internal/sdnotify"
 	"github.com/spf13/cobra"
 )
 
@@ -99,9 +101,29 @@ func runKbsServe(cmd *cobra.Command, g *globalOpts, o *kbsServeOpts) error {
 	if !cmd.Flag("log-level").Changed {
 		logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
-	return c.Serve(cmd.Context(), config.ServeOptions{
+	// Under systemd (Type=notify) the unit is started once the broker
+	// listens, and shows when it stops; elsewhere nothing is sent.
+	notify := func(state string) {
+		if err := sdnotify.FromEnv(state); err != nil {
+			logger.Warn("telling systemd", "state", state, "error", err)
+		}
+	}
+	ctx := cmd.Context()
+	stopped := make(chan struct{})
+	defer close(stopped)
+	go func() {
+		select {
+		case <-ctx.Done():
+			notify("STOPPING=1")
+		case <-stopped:
+		}
+	}()
+	return c.Serve(ctx, config.ServeOptions{
 		Logger:       logger,
 		InsecureHTTP: o.insecureHTTP,
+		Ready: func(addr net.Addr) {
+			notify("READY=1\nSTATUS=serving on " + addr.String())
+		},
 	})
 }
 

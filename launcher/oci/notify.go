@@ -1,15 +1,10 @@
 package oci
 
 import (
-	"fmt"
-	"net"
-	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
 )
 
 // notifyEnv is the variable through which podman --sdnotify=container
@@ -71,30 +66,4 @@ func isBind(m specs.Mount) bool {
 		}
 	}
 	return false
-}
-
-// notifyReady sends READY=1 to an sd_notify socket.
-func notifyReady(path string) error {
-	addr := path
-	// conmon's socket lies deep in podman's storage, past the 107 bytes
-	// a socket address holds: reach it through a descriptor of its
-	// folder instead.
-	if len(addr) > 100 {
-		dir, err := os.OpenFile(filepath.Dir(path), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("sd_notify socket %s: %w", path, err)
-		}
-		defer dir.Close()
-		addr = fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), filepath.Base(path))
-	}
-	c, err := net.DialTimeout("unixgram", addr, 5*time.Second)
-	if err != nil {
-		return fmt.Errorf("sd_notify socket %s: %w", path, err)
-	}
-	defer c.Close()
-	c.SetWriteDeadline(time.Now().Add(5 * time.Second)) //nolint:errcheck // a plain socket has deadlines
-	if _, err := c.Write([]byte("READY=1")); err != nil {
-		return fmt.Errorf("sd_notify READY=1 to %s: %w", path, err)
-	}
-	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cwrun/cwrun/internal/sdnotify"
 	"github.com/cwrun/cwrun/launcher/vm"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
@@ -163,7 +164,7 @@ wait:
 		// up the workload's messages.
 		b.Started = func() {
 			go func() {
-				if err := notifyReady(sock); err != nil {
+				if err := sdnotify.Send(sock, "READY=1"); err != nil {
 					fmt.Fprintf(stderr, "cwrun: %s: warning: %v\n", id, err)
 				}
 			}()
