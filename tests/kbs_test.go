@@ -758,16 +758,14 @@ func TestKbsFuzzCorpusNo5xx(t *testing.T) {
 	t.Logf("%d requests from %d corpus groups", sent, len(inputs))
 }
 
-// A secrets key rotation as an operator runs it: rotate, restart,
-// reseal, drop the old key, restart; every passphrase and resource is
-// released throughout, and dropping is refused while the broker still
-// seals under the old key.
-func TestKbsRotateSecrets(t *testing.T) {
-	dir := kbsInit(t)
-	cfg := filepath.Join(dir, config.FileName)
-	keyFile := filepath.Join(dir, config.SecretsKeyFile)
+// brokerWithSecrets starts a sample broker on a fresh init holding
+// workload "one" (passphrase disk-key-1) and resource app/cfg/db
+// (resource-1).
+func brokerWithSecrets(t *testing.T) (dir string, b *broker) {
+	t.Helper()
+	dir = kbsInit(t)
+	b = startBroker(t, dir, "--tees", "sample")
 	ctx := context.Background()
-	b := startBroker(t, dir, "--tees", "sample")
 	ad := b.admin(t)
 	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "one", Tee: attest.TeeSample, Passphrase: "disk-key-1"}); err != nil {
 		t.Fatal(err)
@@ -775,14 +773,29 @@ func TestKbsRotateSecrets(t *testing.T) {
 	if err := ad.SetResource(ctx, "app/cfg/db", []byte("resource-1")); err != nil {
 		t.Fatal(err)
 	}
-	released := func(b *broker, id, want string) {
-		t.Helper()
-		c := &attest.Client{BaseURL: b.url, HTTP: b.httpClient(t), Attester: sample.NewAttester()}
-		got, err := c.Resource(ctx, kbs.PassphrasePath(id))
-		if err != nil || string(got) != want {
-			t.Fatalf("release of %s: %q, %v; want %q\nbroker log:\n%s", id, got, err, want, b.log())
-		}
+	return dir, b
+}
+
+// wantReleased checks that a sample guest gets workload id's
+// passphrase from b.
+func wantReleased(t *testing.T, b *broker, id, want string) {
+	t.Helper()
+	c := &attest.Client{BaseURL: b.url, HTTP: b.httpClient(t), Attester: sample.NewAttester()}
+	got, err := c.Resource(context.Background(), kbs.PassphrasePath(id))
+	if err != nil || string(got) != want {
+		t.Fatalf("release of %s: %q, %v; want %q\nbroker log:\n%s", id, got, err, want, b.log())
 	}
+}
+
+// A secrets key rotation as an operator runs it: rotate, restart,
+// reseal, drop the old key, restart; every passphrase and resource is
+// released throughout, and dropping is refused while the broker still
+// seals under the old key.
+func TestKbsRotateSecrets(t *testing.T) {
+	dir, b := brokerWithSecrets(t)
+	cfg := filepath.Join(dir, config.FileName)
+	keyFile := filepath.Join(dir, config.SecretsKeyFile)
+	ctx := context.Background()
 
 	out := mustRun(t, cwrunBin, "kbs", "rotate-secrets", "--config", cfg)
 	if !strings.Contains(out, "1 earlier key(s) kept") || !strings.Contains(out, "cwrun kbs reseal") {
@@ -802,7 +815,7 @@ func TestKbsRotateSecrets(t *testing.T) {
 	b.kill()
 	b.wait()
 	b = startBroker(t, dir, "--tees", "sample")
-	released(b, "one", "disk-key-1") // sealed under the old key
+	wantReleased(t, b, "one", "disk-key-1") // sealed under the old key
 	if _, err := b.admin(t).AddWorkload(ctx, kbs.WorkloadSpec{ID: "two", Tee: attest.TeeSample, Passphrase: "disk-key-2"}); err != nil {
 		t.Fatal(err)
 	}
@@ -824,8 +837,8 @@ func TestKbsRotateSecrets(t *testing.T) {
 	b.kill()
 	b.wait()
 	b = startBroker(t, dir, "--tees", "sample")
-	released(b, "one", "disk-key-1")
-	released(b, "two", "disk-key-2")
+	wantReleased(t, b, "one", "disk-key-1")
+	wantReleased(t, b, "two", "disk-key-2")
 	if got, err := b.admin(t).Resource(ctx, "app/cfg/db"); err != nil || string(got) != "resource-1" {
 		t.Errorf("the resource after the rotation: %q, %v", got, err)
 	}
@@ -841,17 +854,10 @@ func TestKbsRotateSecrets(t *testing.T) {
 // aside), and a backup sealed under another secrets key is refused
 // before anything changes.
 func TestKbsBackupRestore(t *testing.T) {
-	dir := kbsInit(t)
+	dir, b := brokerWithSecrets(t)
 	cfg := filepath.Join(dir, config.FileName)
 	ctx := context.Background()
-	b := startBroker(t, dir, "--tees", "sample")
 	ad := b.admin(t)
-	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "one", Tee: attest.TeeSample, Passphrase: "disk-key-1"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := ad.SetResource(ctx, "app/cfg/db", []byte("resource-1")); err != nil {
-		t.Fatal(err)
-	}
 	backup := filepath.Join(t.TempDir(), "kbs-backup.db")
 	out := mustRun(t, cwrunBin, "kbs", "backup", "--config", cfg, backup)
 	if !strings.Contains(out, "1 workload(s), 1 resource(s)") || !strings.Contains(out, "its 2 sealed secret(s) open with") {
@@ -886,10 +892,7 @@ func TestKbsBackupRestore(t *testing.T) {
 	}
 
 	b = startBroker(t, dir, "--tees", "sample")
-	c := &attest.Client{BaseURL: b.url, HTTP: b.httpClient(t), Attester: sample.NewAttester()}
-	if got, err := c.Resource(ctx, kbs.PassphrasePath("one")); err != nil || string(got) != "disk-key-1" {
-		t.Errorf("after the restore, one releases %q, %v", got, err)
-	}
+	wantReleased(t, b, "one", "disk-key-1")
 	if got, err := b.admin(t).Resource(ctx, "app/cfg/db"); err != nil || string(got) != "resource-1" {
 		t.Errorf("after the restore, the resource: %q, %v", got, err)
 	}

@@ -100,17 +100,7 @@ func TestCredentialActivation(t *testing.T) {
 		// A credential this broker did not make (the guest made its own
 		// secret up) fails: the broker's key is in the secret.
 		ov, _ := NewVerifier(Options{EKCAs: []*x509.Certificate{ca.Cert}, CredentialKey: bytes.Repeat([]byte{2}, 32)})
-		params, _ := a.AuthParams(context.Background())
-		extra, _ := json.Marshal(params)
-		ch, err := ov.(*verifier).Challenge(context.Background(), "n", extra)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := a.TakeChallenge(context.Background(), ch); err != nil {
-			t.Fatal(err)
-		}
-		rd := bytes.Repeat([]byte{7}, ReportDataLen)
-		ev, _ := a.Evidence(context.Background(), rd)
+		ev, rd := activate(t, a, ov.(*verifier), "n")
 		if _, err := v.VerifySession(context.Background(), ev, rd, "n"); err == nil {
 			t.Fatal("a credential of another broker key passed")
 		}
@@ -120,17 +110,7 @@ func TestCredentialActivation(t *testing.T) {
 		// that was: accepted under the earlier key, and only there.
 		rotated, _ := NewVerifier(Options{EKCAs: []*x509.Certificate{ca.Cert}, CredentialKey: bytes.Repeat([]byte{3}, 32),
 			PreviousCredentialKeys: [][]byte{key}})
-		params, _ := a.AuthParams(context.Background())
-		extra, _ := json.Marshal(params)
-		ch, err := v.Challenge(context.Background(), "n4", extra)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := a.TakeChallenge(context.Background(), ch); err != nil {
-			t.Fatal(err)
-		}
-		rd := bytes.Repeat([]byte{7}, ReportDataLen)
-		ev, _ := a.Evidence(context.Background(), rd)
+		ev, rd := activate(t, a, v, "n4")
 		if _, err := rotated.(*verifier).VerifySession(context.Background(), ev, rd, "n4"); err != nil {
 			t.Fatalf("a credential under the previous key: %v", err)
 		}
@@ -143,17 +123,7 @@ func TestCredentialActivation(t *testing.T) {
 		// The credential activated for the TPM's AK, but a quote by a
 		// key of the host's own: the AK in the evidence is not the one
 		// the TPM vouched for.
-		params, _ := a.AuthParams(context.Background())
-		extra, _ := json.Marshal(params)
-		ch, err := v.Challenge(context.Background(), "n3", extra)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := a.TakeChallenge(context.Background(), ch); err != nil {
-			t.Fatal(err)
-		}
-		rd := bytes.Repeat([]byte{7}, ReportDataLen)
-		raw, _ := a.Evidence(context.Background(), rd)
+		raw, rd := activate(t, a, v, "n3")
 		var ev map[string]any
 		json.Unmarshal(raw, &ev)
 		other := mustAttester(t, startSwtpm(t).conn)
@@ -180,6 +150,28 @@ func TestCredentialActivation(t *testing.T) {
 			t.Fatalf("an unrestricted AK got a credential: %v", err)
 		}
 	})
+}
+
+// activate runs a's side of credential activation against v's
+// challenge for nonce, and returns the evidence a then makes and the
+// report data it binds.
+func activate(t *testing.T, a *Attester, v *verifier, nonce string) (ev, rd []byte) {
+	t.Helper()
+	params, _ := a.AuthParams(context.Background())
+	extra, _ := json.Marshal(params)
+	ch, err := v.Challenge(context.Background(), nonce, extra)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.TakeChallenge(context.Background(), ch); err != nil {
+		t.Fatal(err)
+	}
+	rd = bytes.Repeat([]byte{7}, ReportDataLen)
+	ev, err = a.Evidence(context.Background(), rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev, rd
 }
 
 func mustAttester(t testing.TB, conn net.Conn) *Attester {
