@@ -236,41 +236,22 @@ defaults come from the folder of --config.`,
 	return cmd
 }
 
-// dropPreviousSecrets removes the earlier keys only after the broker
-// proved, by a reseal answered just now, that it seals under the file's
-// first key and that no record needs another: dropping a key that a
-// record still needs would lose that record's secret for good.
+// dropPreviousSecrets ends a rotation (config.FinishRotation).
 func dropPreviousSecrets(cmd *cobra.Command, co *kbsClientOpts, path string) error {
 	w := cmd.OutOrStdout()
-	sf, err := config.ReadSecretsFile(path)
-	if err != nil {
-		return err
-	}
-	if sf.Previous == 0 {
-		fmt.Fprintf(w, "%s holds one key (key id %s): nothing to drop\n", sf.Path, sf.KeyID)
-		return nil
-	}
 	// The broker of this config, unless the flags name another.
 	co.dir = filepath.Dir(path)
 	c, err := co.client()
 	if err != nil {
 		return fmt.Errorf("%w; nothing dropped (the broker must confirm that no record needs the earlier keys)", err)
 	}
-	rep, err := c.Reseal(cmd.Context())
+	sf, rep, err := config.FinishRotation(cmd.Context(), path, c)
 	if err != nil {
-		return fmt.Errorf("asking the broker to reseal: %w; nothing dropped (the broker must confirm that no record needs the earlier keys)", adminHint(err))
+		return adminHint(err)
 	}
-	if rep.KeyID != sf.KeyID {
-		return fmt.Errorf("the broker at %s seals under key id %s, not %s, the first key in %s: restart it (and every broker sharing its store) on this file, run `cwrun kbs reseal`, then this again; nothing dropped",
-			c.BaseURL, rep.KeyID, sf.KeyID, sf.Path)
-	}
-	if !rep.Done() {
-		return fmt.Errorf("no key the broker holds opens %d record(s): %s; they need a key that is in neither this file nor the broker's; nothing dropped",
-			len(rep.Unopened), strings.Join(rep.Unopened, ", "))
-	}
-	sf, err = config.DropPreviousSecrets(path)
-	if err != nil {
-		return err
+	if rep.KeyID == "" {
+		fmt.Fprintf(w, "%s holds one key (key id %s): nothing to drop\n", sf.Path, sf.KeyID)
+		return nil
 	}
 	fmt.Fprintf(w, "every stored record (%d) is sealed under key id %s; dropped the earlier key(s) from %s\n", rep.Resealed+rep.Current, sf.KeyID, sf.Path)
 	fmt.Fprintf(w, "restart the brokers on this file so that they forget the earlier keys; backups of the old file still open backups of the store made before the reseal\n")

@@ -70,7 +70,7 @@ func TestBackupAcrossRotation(t *testing.T) {
 		t.Fatalf("restore on the rotated file = %+v, %v; want it opened by the earlier key", rr, err)
 	}
 
-	if _, err := DropPreviousSecrets(cfg); err != nil {
+	if _, err := dropPreviousSecrets(cfg); err != nil {
 		t.Fatal(err)
 	}
 	dc, err := Load(cfg)

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -15,7 +16,7 @@ import (
 // may hold several keys, one per line. The first seals; the others are
 // earlier keys kept so that what they sealed still opens. RotateSecrets
 // puts a new key first; once every replica runs with the new file, the
-// admin API's reseal moves each record onto it, and DropPreviousSecrets
+// admin API's reseal moves each record onto it, and FinishRotation
 // leaves the new key alone in the file.
 
 // SecretsFile describes a secrets key file.
@@ -74,11 +75,38 @@ func RotateSecrets(configPath string, now time.Time) (SecretsFile, error) {
 	return describeSecrets(path, secrets)
 }
 
-// DropPreviousSecrets leaves only the first key in the secrets key file
-// that the config at configPath names. Whatever only the dropped keys
-// opened no longer opens: the caller checks first (the admin API's
-// reseal, answered with the first key's ID and nothing left unopened).
-func DropPreviousSecrets(configPath string) (SecretsFile, error) {
+// FinishRotation ends a rotation: it asks the broker behind c to
+// reseal, and only when that broker seals under the first key of the
+// secrets key file at configPath and opened every record does it drop
+// the earlier keys from the file. Dropping a key that a record still
+// needs would lose that record's secret for good, so anything else
+// leaves the file as it was. A file holding one key is left alone, and
+// the report is then zero (no broker was asked).
+func FinishRotation(ctx context.Context, configPath string, c *kbs.AdminClient) (SecretsFile, kbs.ResealReport, error) {
+	var rep kbs.ResealReport
+	sf, err := ReadSecretsFile(configPath)
+	if err != nil || sf.Previous == 0 {
+		return sf, rep, err
+	}
+	const kept = "; nothing dropped (the broker must confirm that no record needs the earlier keys)"
+	if rep, err = c.Reseal(ctx); err != nil {
+		return sf, rep, fmt.Errorf("asking the broker to reseal: %w%s", err, kept)
+	}
+	if rep.KeyID != sf.KeyID {
+		return sf, rep, fmt.Errorf("the broker at %s seals under key id %s, not %s, the first key in %s: restart it (and every broker sharing its store) on this file, run `cwrun kbs reseal`, then this again; nothing dropped",
+			c.BaseURL, rep.KeyID, sf.KeyID, sf.Path)
+	}
+	if !rep.Done() {
+		return sf, rep, fmt.Errorf("no key the broker holds opens %d record(s): %s; they need a key that is in neither this file nor the broker's%s",
+			len(rep.Unopened), truncateList(rep.Unopened, 5), kept)
+	}
+	sf, err = dropPreviousSecrets(configPath)
+	return sf, rep, err
+}
+
+// dropPreviousSecrets leaves only the first key in the secrets key file
+// that the config at configPath names (FinishRotation checks first).
+func dropPreviousSecrets(configPath string) (SecretsFile, error) {
 	path, secrets, err := readSecretsOf(configPath)
 	if err != nil {
 		return SecretsFile{}, err

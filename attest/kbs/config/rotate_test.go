@@ -3,13 +3,17 @@ package config
 import (
 	"bytes"
 	"context"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cwrun/cwrun/attest"
 	"github.com/cwrun/cwrun/attest/kbs"
+	"github.com/cwrun/cwrun/attest/kbs/store"
+	"github.com/cwrun/cwrun/attest/kbs/store/sqlite"
 )
 
 // The secrets key file through a rotation: a new key first, the old one
@@ -71,7 +75,7 @@ func TestRotateSecrets(t *testing.T) {
 		t.Fatalf("second rotation: %+v, %v", sf, err)
 	}
 	first := sf.KeyID
-	sf, err = DropPreviousSecrets(cfg)
+	sf, err = dropPreviousSecrets(cfg)
 	if err != nil || sf.Previous != 0 || sf.KeyID != first {
 		t.Fatalf("DropPreviousSecrets = %+v, %v; want the first key (%s) alone", sf, err, first)
 	}
@@ -105,5 +109,75 @@ func TestReadSecretsRefuses(t *testing.T) {
 	os.WriteFile(p, []byte("q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=\n"), 0o600)
 	if ks, err := readSecrets(p); err != nil || len(ks) != 1 {
 		t.Errorf("a base64 key: %d keys, %v", len(ks), err)
+	}
+}
+
+// FinishRotation drops the earlier keys only for a broker that seals
+// under the file's first key and opens every record.
+func TestFinishRotation(t *testing.T) {
+	ctx := context.Background()
+	dir := initDir(t, InitOptions{})
+	cfg := filepath.Join(dir, FileName)
+	keyFile := filepath.Join(dir, SecretsKeyFile)
+	// A broker on the old key, reached through the admin API.
+	serve := func() (*kbs.AdminClient, func()) {
+		c, err := Load(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o, closer, err := c.Options(ctx, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := kbs.New(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ts := httptest.NewServer(srv)
+		ad, err := NewAdminClient(ClientOptions{URL: ts.URL, Dir: dir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ad, func() { ts.Close(); closer.Close() }
+	}
+	ad, stop := serve()
+	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "w", Tee: attest.TeeSample, Passphrase: "pw"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := RotateSecrets(cfg, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	rotated, _ := os.ReadFile(keyFile)
+	// Not restarted: it seals under the old key.
+	if _, _, err := FinishRotation(ctx, cfg, ad); err == nil || !strings.Contains(err.Error(), "seals under key id") {
+		t.Fatalf("FinishRotation with a broker not restarted: %v", err)
+	}
+	stop()
+
+	// Restarted on the file, but the store holds a record of another
+	// secrets key.
+	ad, stop = serve()
+	defer func() { stop() }()
+	st, err := sqlite.Open(ctx, filepath.Join(dir, "kbs.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.AddWorkload(ctx, store.Workload{ID: "stray", Tee: "sample", SealedPassphrase: bytes.Repeat([]byte{1}, 64), References: map[string][]string{}})
+	st.Close()
+	if _, _, err := FinishRotation(ctx, cfg, ad); err == nil || !strings.Contains(err.Error(), "workload stray") {
+		t.Fatalf("FinishRotation with a record no key opens: %v", err)
+	}
+	if now, _ := os.ReadFile(keyFile); !bytes.Equal(now, rotated) {
+		t.Fatal("a refused FinishRotation changed the secrets key file")
+	}
+	if err := ad.DeleteWorkload(ctx, "stray"); err != nil {
+		t.Fatal(err)
+	}
+	sf, rep, err := FinishRotation(ctx, cfg, ad)
+	if err != nil || sf.Previous != 0 || rep.Resealed+rep.Current != 1 || !rep.Done() {
+		t.Fatalf("FinishRotation = %+v, %+v, %v; want w under the new key (resealed by the refused try) and the old key dropped", sf, rep, err)
+	}
+	if sf, rep, err := FinishRotation(ctx, cfg, ad); err != nil || rep.KeyID != "" || sf.Previous != 0 {
+		t.Errorf("FinishRotation of a one-key file = %+v, %+v, %v; want nothing asked", sf, rep, err)
 	}
 }
