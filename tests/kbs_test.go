@@ -27,6 +27,7 @@ import (
 	"github.com/cwrun/cwrun/attest/kbs"
 	"github.com/cwrun/cwrun/attest/kbs/config"
 	"github.com/cwrun/cwrun/attest/kbs/store/pgtest"
+	"github.com/cwrun/cwrun/attest/kbs/store/sqlite"
 	"github.com/cwrun/cwrun/attest/sample"
 )
 
@@ -863,10 +864,21 @@ func TestKbsBackupRestore(t *testing.T) {
 	if !strings.Contains(out, "1 workload(s), 1 resource(s)") || !strings.Contains(out, "its 2 sealed secret(s) open with") {
 		t.Errorf("backup output:\n%s", out)
 	}
+	// To standard output, for a pipe off the machine; the report on
+	// standard error.
+	r := run(t, time.Minute, cwrunBin, "kbs", "backup", "--config", cfg, "-")
+	if r.code != 0 || !strings.Contains(r.stderr, "backed up") || !strings.HasPrefix(r.stdout, "SQLite format 3\x00") {
+		t.Fatalf("backup -: exit %d, %d bytes out\n%s", r.code, len(r.stdout), r.stderr)
+	}
+	piped := filepath.Join(t.TempDir(), "piped.db")
+	os.WriteFile(piped, []byte(r.stdout), 0o600)
+	if sum, err := sqlite.Inspect(ctx, piped); err != nil || sum.Workloads != 1 || sum.Resources != 1 {
+		t.Errorf("the piped backup: %+v, %v", sum, err)
+	}
 	if _, err := ad.AddWorkload(ctx, kbs.WorkloadSpec{ID: "later", Tee: attest.TeeSample, Passphrase: "disk-key-2"}); err != nil {
 		t.Fatal(err)
 	}
-	r := run(t, time.Minute, cwrunBin, "kbs", "restore", "--config", cfg, backup)
+	r = run(t, time.Minute, cwrunBin, "kbs", "restore", "--config", cfg, backup)
 	if r.code == 0 || !strings.Contains(r.stderr, "a broker is serving") {
 		t.Fatalf("restore beside the running broker: exit %d\n%s", r.code, r.stderr)
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/cwrun/cwrun/attest/kbs/config"
 	"github.com/cwrun/cwrun/attest/kbs/store/sqlite"
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 )
 
 func newKbsCmd(g *globalOpts) *cobra.Command {
@@ -292,12 +294,15 @@ The exit status is 1 when some record opens with no key the broker holds.`,
 func newKbsBackupCmd() *cobra.Command {
 	var path string
 	cmd := &cobra.Command{
-		Use:   "backup [flags] FILE",
-		Short: "Copy the broker's SQLite store to FILE, safe beside a running broker",
+		Use:   "backup [flags] FILE|-",
+		Short: "Copy the broker's SQLite store to FILE (or stdout), safe beside a running broker",
 		Long: `Copy the SQLite store that --config names to FILE, a new file of mode 0600:
 one consistent snapshot, taken beside a running broker without stopping it.
 The store holds the only copies of the disk passphrases registered with the
 broker; without a backup, a lost disk loses every sealed disk with it.
+With "-" the checked copy goes to standard output, to be piped off the
+machine (cwrun kbs backup - | ssh vault 'cat > kbs.db'); the report goes to
+standard error.
 
 The copy is checked: a SQLite integrity check, and every sealed passphrase and
 resource opened with the secrets key file (nothing is printed from them). The
@@ -310,12 +315,22 @@ PostgreSQL's own tools.`,
 			if err != nil {
 				return err
 			}
-			res, err := c.Backup(cmd.Context(), args[0])
+			w, dest := cmd.OutOrStdout(), args[0]
+			var res config.BackupResult
+			if dest == "-" {
+				if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+					return fmt.Errorf("backup to standard output, which is a terminal: pipe it somewhere (cwrun kbs backup - | ssh vault 'cat > kbs.db'), or name a FILE")
+				}
+				res, err = c.BackupTo(cmd.Context(), w)
+				w, dest = cmd.ErrOrStderr(), "standard output"
+			} else {
+				res, err = c.Backup(cmd.Context(), dest)
+				dest += " (mode 0600)"
+			}
 			if err != nil {
 				return err
 			}
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "backed up %s to %s (mode 0600): %s\n", res.Store, args[0], counts(res.Counts))
+			fmt.Fprintf(w, "backed up %s to %s: %s\n", res.Store, dest, counts(res.Counts))
 			printSealed(w, res.Sealed, c.SecretsKey)
 			fmt.Fprintf(w, "keep the backup and %s in different places: each is useless without the other\n", c.SecretsKey)
 			return nil

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/cwrun/cwrun/attest/kbs"
@@ -50,6 +51,32 @@ func (c *Config) Backup(ctx context.Context, dest string) (BackupResult, error) 
 	defer removeDB(scratch)
 	if res.Sealed, err = c.checkSealed(ctx, scratch); err != nil {
 		return res, fmt.Errorf("checking the backup: %w (the backup in %s is whole)", err, dest)
+	}
+	return res, nil
+}
+
+// BackupTo writes a checked backup (Backup) to w: a pipe to another
+// machine or to an encrypting tool. The copy is made in a private
+// temporary folder first, so that only a whole, checked backup is
+// written, and the folder is removed after.
+func (c *Config) BackupTo(ctx context.Context, w io.Writer) (BackupResult, error) {
+	dir, err := os.MkdirTemp("", "cwrun-kbs-backup-")
+	if err != nil {
+		return BackupResult{}, err
+	}
+	defer os.RemoveAll(dir)
+	file := filepath.Join(dir, "kbs-backup.db")
+	res, err := c.Backup(ctx, file)
+	if err != nil {
+		return res, err
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		return res, err
+	}
+	defer f.Close()
+	if _, err := io.Copy(w, f); err != nil {
+		return res, fmt.Errorf("writing the backup out: %w", err)
 	}
 	return res, nil
 }
