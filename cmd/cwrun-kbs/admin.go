@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -341,21 +342,28 @@ func printWorkload(out io.Writer, w kbs.WorkloadInfo) {
 }
 
 func newKbsWorkloadRmCmd(co *kbsClientOpts) *cobra.Command {
+	return newRmCmd(co, "ID...", "Remove workloads: their passphrases are no longer released", "workload",
+		(*kbs.AdminClient).DeleteWorkload)
+}
+
+// newRmCmd is an admin verb that removes each of its arguments, one
+// what ("workload", "resource") at a time, stopping at the first error.
+func newRmCmd(co *kbsClientOpts, args, short, what string, del func(*kbs.AdminClient, context.Context, string) error) *cobra.Command {
 	return &cobra.Command{
-		Use:     "rm ID...",
+		Use:     "rm " + args,
 		Aliases: []string{"remove", "delete"},
-		Short:   "Remove workloads: their passphrases are no longer released",
+		Short:   short,
 		Args:    cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := co.client()
 			if err != nil {
 				return err
 			}
-			for _, id := range args {
-				if err := c.DeleteWorkload(cmd.Context(), id); err != nil {
-					return fmt.Errorf("removing workload %s: %w", id, adminHint(err))
+			for _, a := range args {
+				if err := del(c, cmd.Context(), a); err != nil {
+					return fmt.Errorf("removing %s %s: %w", what, a, adminHint(err))
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "removed workload %s\n", id)
+				fmt.Fprintf(cmd.OutOrStdout(), "removed %s %s\n", what, a)
 			}
 			return nil
 		},
@@ -435,25 +443,8 @@ to guests its resource policy allows. They are sealed at rest.`,
 			return nil
 		},
 	}
-	rm := &cobra.Command{
-		Use:     "rm PATH...",
-		Aliases: []string{"remove", "delete"},
-		Short:   "Remove resources: they are no longer released",
-		Args:    cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
-			if err != nil {
-				return err
-			}
-			for _, p := range args {
-				if err := c.DeleteResource(cmd.Context(), p); err != nil {
-					return fmt.Errorf("removing resource %s: %w", p, adminHint(err))
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "removed resource %s\n", p)
-			}
-			return nil
-		},
-	}
+	rm := newRmCmd(o, "PATH...", "Remove resources: they are no longer released", "resource",
+		(*kbs.AdminClient).DeleteResource)
 	cmd.AddCommand(set, get, list, rm)
 	return cmd
 }
